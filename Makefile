@@ -1,0 +1,22 @@
+# Two entry points, each doing its whole set-up: `make demo` (main job on the bundled mesh) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[fast,plots,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/sparseflex convert examples/demo.obj -o out/demo/mesh.ply --resolution 128 --overwrite
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/extraction.py
+
+.PHONY: install demo test bench
