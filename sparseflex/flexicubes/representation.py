@@ -1,0 +1,137 @@
+"""The SparseFlex representation (SPEC section 1): active voxels, corner SDF and deformation, FlexiCubes weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from ..sparse.coords import CORNER_OFFSETS, VoxelHash, batched, corner_lattice, subdivide
+from .extract import Extraction, extract_surface
+
+HEAD_CHANNELS = 53
+_SDF, _DEFORM, _BETA, _ALPHA, _GAMMA = slice(0, 8), slice(8, 32), slice(32, 44), slice(44, 52), slice(52, 53)
+
+
+def activate_weights(beta_raw, alpha_raw, gamma_raw):
+    """Release activations: beta, alpha = tanh(raw) * 0.99 + 1; gamma = sigmoid(raw) * 0.99 + 0.005."""
+    return (torch.tanh(beta_raw) * 0.99 + 1, torch.tanh(alpha_raw) * 0.99 + 1,
+            torch.sigmoid(gamma_raw) * 0.99 + 0.005)
+
+
+@dataclass
+class SparseFlex:
+    """A SparseFlex at resolution ``R`` in the cube [-0.5, 0.5]^3.
+
+    ``sdf`` is in world units (inside where negative); ``deform``, ``alpha_raw``, ``beta_raw`` and ``gamma_raw`` are
+    pre-activation values, so zeros give the undeformed grid with neutral weights.
+    """
+    coords: torch.Tensor         # [N, 4] int64 active voxels (batch, x, y, z)
+    resolution: int
+    corners: torch.Tensor        # [Nc, 4] int64 unique corners
+    voxel_corners: torch.Tensor  # [N, 8] corner rows per voxel
+    sdf: torch.Tensor            # [Nc]
+    deform: torch.Tensor         # [Nc, 3]
+    alpha_raw: torch.Tensor      # [N, 8]
+    beta_raw: torch.Tensor       # [N, 12]
+    gamma_raw: torch.Tensor      # [N]
+    consistency: torch.Tensor | None = None  # head-built only: MSE of per-voxel corner values to their shared mean
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sdf(cls, coords: torch.Tensor, resolution: int, corner_sdf_fn) -> "SparseFlex":
+        """Build from voxels and a function mapping ``[Nc, 3]`` undeformed corner positions to SDF values."""
+        coords = batched(coords)
+        corners, voxel_corners = corner_lattice(coords)
+        pos = corners[:, 1:].float() / resolution - 0.5
+        sdf = corner_sdf_fn(pos).to(pos.dtype)
+        n, nc = len(coords), len(corners)
+        zeros = pos.new_zeros
+        return cls(coords, resolution, corners, voxel_corners, sdf, zeros(nc, 3), zeros(n, 8), zeros(n, 12), zeros(n))
+
+    @classmethod
+    def from_head(cls, coords: torch.Tensor, resolution: int, head: torch.Tensor) -> "SparseFlex":
+        """Build from a network's 53-channel head output per voxel (release layout and activations).
+
+        Shared corners take the mean over the voxels touching them; ``consistency`` holds the MSE between each
+        voxel's own prediction and that mean.
+        """
+        if head.shape[-1] != HEAD_CHANNELS:
+            raise ValueError(f"head must have {HEAD_CHANNELS} channels, got {head.shape[-1]}")
+        coords = batched(coords)
+        corners, voxel_corners = corner_lattice(coords)
+        r = resolution
+        per_voxel = torch.cat([head[:, _SDF, None] * (4.0 / r) - 1.0 / r,
+                               head[:, _DEFORM].reshape(-1, 8, 3)], dim=2)  # [N, 8, 4]: sdf, deform xyz
+        flat_idx = voxel_corners.reshape(-1)
+        total = head.new_zeros(len(corners), 4).index_add(0, flat_idx, per_voxel.reshape(-1, 4))
+        count = head.new_zeros(len(corners)).index_add(0, flat_idx, head.new_ones(len(flat_idx)))
+        shared = total / count[:, None]
+        consistency = ((per_voxel - shared[voxel_corners]) ** 2).mean() if len(head) else head.new_zeros(())
+        return cls(coords, resolution, corners, voxel_corners, shared[:, 0], shared[:, 1:],
+                   head[:, _ALPHA], head[:, _BETA], head[:, 52], consistency)
+
+    # -- geometry -----------------------------------------------------------------------------------------------
+    @property
+    def num_voxels(self) -> int:
+        return len(self.coords)
+
+    def corner_positions(self) -> torch.Tensor:
+        """Deformed corner positions: v / R - 0.5 + (1 - 1e-8) / (2R) * tanh(delta) (at most half a voxel)."""
+        r = self.resolution
+        base = self.corners[:, 1:].to(self.sdf.dtype) / r - 0.5
+        return base + (1 - 1e-8) / (2 * r) * torch.tanh(self.deform)
+
+    def voxel_centers(self) -> torch.Tensor:
+        return (self.coords[:, 1:].to(self.sdf.dtype) + 0.5) / self.resolution - 0.5
+
+    def weights(self):
+        """Activated (alpha, beta, gamma)."""
+        beta, alpha, gamma = activate_weights(self.beta_raw, self.alpha_raw, self.gamma_raw)
+        return alpha, beta, gamma
+
+    def extract(self, training: bool = False, table: VoxelHash | None = None) -> Extraction:
+        """Extract the mesh of all active voxels (see :func:`extract_surface`)."""
+        alpha, beta, gamma = self.weights()
+        return extract_surface(self.coords, self.corner_positions(), self.sdf, self.voxel_corners,
+                               alpha, beta, gamma, training=training, table=table)
+
+    # -- voxel-set edits ----------------------------------------------------------------------------------------
+    def select(self, voxel_mask: torch.Tensor) -> "SparseFlex":
+        """The SparseFlex restricted to a subset of voxels (e.g. a camera's frustum section); differentiable."""
+        idx = voxel_mask.nonzero().squeeze(1) if voxel_mask.dtype == torch.bool else voxel_mask
+        vc = self.voxel_corners[idx]
+        used, inverse = torch.unique(vc.reshape(-1), return_inverse=True)
+        return replace(self, coords=self.coords[idx], corners=self.corners[used], voxel_corners=inverse.reshape(-1, 8),
+                       sdf=self.sdf[used], deform=self.deform[used], alpha_raw=self.alpha_raw[idx],
+                       beta_raw=self.beta_raw[idx], gamma_raw=self.gamma_raw[idx], consistency=None)
+
+    def subdivide(self) -> "SparseFlex":
+        """Each voxel into 8 children at resolution 2R.
+
+        Corner SDF and corner displacement are interpolated trilinearly inside the parent voxel (so the initial
+        zero set is the parent's trilinear one); the FlexiCubes weights start neutral again.
+        """
+        child_coords = subdivide(self.coords)
+        corners, voxel_corners = corner_lattice(child_coords)
+        n_child = len(child_coords)
+        # One (child voxel, local corner) entry per unique child corner; its parent voxel does the interpolation.
+        entry = torch.empty(len(corners), dtype=torch.long, device=corners.device)
+        entry.index_copy_(0, voxel_corners.reshape(-1), torch.arange(n_child * 8, device=corners.device))
+        parent = entry // 64  # 8 children per parent, 8 corners per child
+        t = corners[:, 1:].to(self.sdf.dtype) / 2 - self.coords[parent, 1:].to(self.sdf.dtype)  # in {0, .5, 1}^3
+        off = CORNER_OFFSETS.to(t).bool()
+        w = torch.prod(torch.where(off[None], t[:, None], 1 - t[:, None]), dim=-1)  # [Nc, 8 parent corners]
+        disp = (1 - 1e-8) / (2 * self.resolution) * torch.tanh(self.deform)
+        vals = torch.cat([self.sdf[:, None], disp], 1)[self.voxel_corners[parent]]  # [Nc, 8, 4]
+        interp = torch.einsum("nk,nkd->nd", w, vals)
+        half_child = (1 - 1e-8) / (4 * self.resolution)
+        deform = torch.atanh((interp[:, 1:] / half_child).clamp(-0.999, 0.999))
+        n = n_child
+        zeros = self.sdf.new_zeros
+        return SparseFlex(child_coords, self.resolution * 2, corners, voxel_corners, interp[:, 0], deform,
+                          zeros(n, 8), zeros(n, 12), zeros(n))
+
+    def parameters_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name in ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw")}
