@@ -53,8 +53,11 @@ class Extraction:
 
 def voxel_cases(corner_sdf: torch.Tensor, voxel_corners: torch.Tensor) -> torch.Tensor:
     """Case id per voxel: sum_i 2^i [s_i < 0]."""
-    inside = (corner_sdf < 0)[voxel_corners].long()
-    return (inside << torch.arange(8, device=inside.device)).sum(dim=1)
+    inside = corner_sdf < 0
+    cases = torch.zeros(len(voxel_corners), dtype=torch.long, device=voxel_corners.device)
+    for i in range(8):  # one column at a time: no [N, 8] int64 temporary
+        cases |= inside[voxel_corners[:, i]].long() << i
+    return cases
 
 
 def resolve_ambiguity(coords: torch.Tensor, cases: torch.Tensor, table: VoxelHash | None = None) -> torch.Tensor:
@@ -77,7 +80,7 @@ def resolve_ambiguity(coords: torch.Tensor, cases: torch.Tensor, table: VoxelHas
 def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner_sdf: torch.Tensor,
                     voxel_corners: torch.Tensor, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                     gamma: torch.Tensor | None = None, training: bool = False,
-                    table: VoxelHash | None = None) -> Extraction:
+                    table: VoxelHash | None = None, weight_activation=None) -> Extraction:
     """Extract the FlexiCubes mesh of active voxels.
 
     Args:
@@ -89,16 +92,25 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
         training: split each quad in 4 around a gamma-weighted centre vertex (so gamma gets gradients) instead of
             along the diagonal with the larger product of gamma.
         table: a prebuilt :class:`VoxelHash` of ``coords`` to reuse.
+        weight_activation: if given, ``alpha, beta, gamma`` are raw values and ``weight_activation(kind, raw)``
+            activates them; it is applied only to the rows surface voxels use, which saves memory at high resolution.
     """
     coords = batched(coords)
     device, dtype = corner_positions.device, corner_positions.dtype
     n = len(coords)
+    act = weight_activation or (lambda kind, w: w)
     if alpha is None:
-        alpha = torch.ones(n, 8, device=device, dtype=dtype)
+        alpha, act_alpha = torch.ones(n, 8, device=device, dtype=dtype), (lambda w: w)
+    else:
+        act_alpha = lambda w: act("alpha", w)  # noqa: E731
     if beta is None:
-        beta = torch.ones(n, 12, device=device, dtype=dtype)
+        beta, act_beta = torch.ones(n, 12, device=device, dtype=dtype), (lambda w: w)
+    else:
+        act_beta = lambda w: act("beta", w)  # noqa: E731
     if gamma is None:
-        gamma = torch.full((n,), 0.5, device=device, dtype=dtype)
+        gamma, act_gamma = torch.full((n,), 0.5, device=device, dtype=dtype), (lambda w: w)
+    else:
+        act_gamma = lambda w: act("gamma", w)  # noqa: E731
     edge_corners = EDGE_CORNERS.to(device)
 
     # 1. Case ids, ambiguity fix, surface voxels.
@@ -114,7 +126,7 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
     c0, c1 = voxel_corners[ent_v, lc0], voxel_corners[ent_v, lc1]
     s0, s1 = corner_sdf[c0], corner_sdf[c1]
     x0, x1 = corner_positions[c0], corner_positions[c1]
-    s0w, s1w = s0 * alpha[ent_v, lc0], s1 * alpha[ent_v, lc1]
+    s0w, s1w = s0 * act_alpha(alpha[ent_v, lc0]), s1 * act_alpha(alpha[ent_v, lc1])
     u = (x0 * s1w[:, None] - x1 * s0w[:, None]) / (s1w - s0w)[:, None]
 
     # 4. Dual vertices: beta-weighted mean of the crossings of each patch.
@@ -122,7 +134,7 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
     first_dual = torch.cumsum(patches, 0) - patches
     num_dual = int(patches.sum())
     dual = first_dual[ent_s] + EDGE_PATCH.to(device)[surf_cases[ent_s], ent_e]
-    w = beta[ent_v, ent_e]
+    w = act_beta(beta[ent_v, ent_e])
     wsum = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, w)
     dual_pos = torch.zeros(num_dual, 3, device=device, dtype=dtype).index_add(0, dual, w[:, None] * u)
     dual_pos = dual_pos / wsum[:, None]
@@ -153,7 +165,7 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
     quads = torch.where(flip[:, None], quads[:, [0, 3, 2, 1]], quads)
 
     # 6. Triangulation.
-    g = gamma[dual_voxel][quads]
+    g = act_gamma(gamma[dual_voxel])[quads]
     if training:
         w02, w13 = g[:, 0] * g[:, 2], g[:, 1] * g[:, 3]
         p = dual_pos[quads]

@@ -13,10 +13,11 @@ HEAD_CHANNELS = 53
 _SDF, _DEFORM, _BETA, _ALPHA, _GAMMA = slice(0, 8), slice(8, 32), slice(32, 44), slice(44, 52), slice(52, 53)
 
 
-def activate_weights(beta_raw, alpha_raw, gamma_raw):
+def activate_weight(kind: str, raw: torch.Tensor) -> torch.Tensor:
     """Release activations: beta, alpha = tanh(raw) * 0.99 + 1; gamma = sigmoid(raw) * 0.99 + 0.005."""
-    return (torch.tanh(beta_raw) * 0.99 + 1, torch.tanh(alpha_raw) * 0.99 + 1,
-            torch.sigmoid(gamma_raw) * 0.99 + 0.005)
+    if kind == "gamma":
+        return torch.sigmoid(raw) * 0.99 + 0.005
+    return torch.tanh(raw) * 0.99 + 1
 
 
 @dataclass
@@ -87,14 +88,14 @@ class SparseFlex:
 
     def weights(self):
         """Activated (alpha, beta, gamma)."""
-        beta, alpha, gamma = activate_weights(self.beta_raw, self.alpha_raw, self.gamma_raw)
-        return alpha, beta, gamma
+        return (activate_weight("alpha", self.alpha_raw), activate_weight("beta", self.beta_raw),
+                activate_weight("gamma", self.gamma_raw))
 
     def extract(self, training: bool = False, table: VoxelHash | None = None) -> Extraction:
         """Extract the mesh of all active voxels (see :func:`extract_surface`)."""
-        alpha, beta, gamma = self.weights()
         return extract_surface(self.coords, self.corner_positions(), self.sdf, self.voxel_corners,
-                               alpha, beta, gamma, training=training, table=table)
+                               self.alpha_raw, self.beta_raw, self.gamma_raw, training=training, table=table,
+                               weight_activation=activate_weight)
 
     # -- voxel-set edits ----------------------------------------------------------------------------------------
     def select(self, voxel_mask: torch.Tensor) -> "SparseFlex":

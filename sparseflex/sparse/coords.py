@@ -87,10 +87,15 @@ def kernel_offsets(size: int = 3, device=None) -> torch.Tensor:
 
 def neighbour_map(coords: torch.Tensor, offsets: torch.Tensor, table: VoxelHash | None = None) -> torch.Tensor:
     """``[N, K]`` row index of the voxel at ``coords[n] + offsets[k]`` (same batch), -1 where not active."""
-    c = batched(coords)
-    table = table or VoxelHash(c)
-    off = torch.cat([offsets.new_zeros(len(offsets), 1), offsets], dim=1).to(c.device)
-    return table.lookup(c[:, None, :] + off[None])
+    keys = coords_to_keys(coords)
+    table = table or VoxelHash(coords)
+    return table.lookup_keys(keys[:, None] + _offset_keys(offsets.to(keys.device))[None])
+
+
+def _offset_keys(offsets: torch.Tensor) -> torch.Tensor:
+    """Key difference of integer ``[K, 3]`` offsets: keys are linear in the coordinates, so neighbours' keys are
+    ``key + delta`` (valid while the shifted coordinates stay inside the key range)."""
+    return (offsets[:, 0] * _SPAN + offsets[:, 1]) * _SPAN + offsets[:, 2]
 
 
 def corner_lattice(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +104,10 @@ def corner_lattice(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``corners [Nc, 4]`` (integer corner coordinates in ``[0, R]``) and ``voxel_corners [N, 8]``, where
     column i is corner i in the SPEC order.
     """
-    c = batched(coords)
-    off = torch.cat([CORNER_OFFSETS.new_zeros(8, 1), CORNER_OFFSETS], dim=1).to(c.device)
-    all_corners = (c[:, None, :] + off[None]).reshape(-1, 4)
-    corners, inverse = unique_coords(all_corners)
-    return corners, inverse.reshape(-1, 8)
+    keys = coords_to_keys(coords)
+    corner_keys = keys[:, None] + _offset_keys(CORNER_OFFSETS.to(keys.device))[None]  # no [8N, 4] temporary
+    unique_keys, inverse = torch.unique(corner_keys.reshape(-1), return_inverse=True)
+    return keys_to_coords(unique_keys), inverse.reshape(-1, 8)
 
 
 def subdivide(coords: torch.Tensor) -> torch.Tensor:
@@ -123,16 +127,14 @@ def downsample(coords: torch.Tensor, factor: int = 2) -> tuple[torch.Tensor, tor
 
 def dilate(coords: torch.Tensor, radius: int = 1, resolution: int | None = None) -> torch.Tensor:
     """All voxels within Chebyshev distance ``radius`` of a voxel in the set, clipped to ``[0, resolution)``."""
-    c = batched(coords)
-    if radius <= 0:
-        return unique_coords(c)[0]
-    off = kernel_offsets(2 * radius + 1, c.device)
-    off = torch.cat([off.new_zeros(len(off), 1), off], dim=1)
-    grown = (c[:, None, :] + off[None]).reshape(-1, 4)
+    keys = coords_to_keys(coords)
+    if radius > 0:
+        delta = _offset_keys(kernel_offsets(2 * radius + 1, keys.device))
+        keys = torch.unique(keys[:, None] + delta[None])  # no [K N, 4] temporary
+    grown = keys_to_coords(torch.unique(keys))
     if resolution is not None:
-        inside = ((grown[:, 1:] >= 0) & (grown[:, 1:] < resolution)).all(dim=1)
-        grown = grown[inside]
-    return unique_coords(grown)[0]
+        grown = grown[((grown[:, 1:] >= 0) & (grown[:, 1:] < resolution)).all(dim=1)]
+    return grown
 
 
 def dense_grid(resolution: int, device=None) -> torch.Tensor:
