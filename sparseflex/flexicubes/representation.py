@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from ..sparse.coords import CORNER_OFFSETS, VoxelHash, batched, corner_lattice, subdivide
+from ..sparse.coords import CORNER_OFFSETS, VoxelHash, batched, corner_lattice, dilate, subdivide
 from .extract import Extraction, extract_surface
 
 HEAD_CHANNELS = 53
@@ -132,6 +132,22 @@ class SparseFlex:
         zeros = self.sdf.new_zeros
         return SparseFlex(child_coords, self.resolution * 2, corners, voxel_corners, interp[:, 0], deform,
                           zeros(n, 8), zeros(n, 12), zeros(n))
+
+    def surface_mask(self) -> torch.Tensor:
+        """Voxels whose corners change sign (the voxels that hold surface)."""
+        inside = (self.sdf < 0)[self.voxel_corners]
+        return inside.any(dim=1) & ~inside.all(dim=1)
+
+    def prune(self, margin: int = 1) -> "SparseFlex":
+        """Keep the voxels that hold surface and those within ``margin`` voxels of them (detached copy)."""
+        keep = self.surface_mask()
+        if margin > 0:
+            grown = dilate(self.coords[keep], margin)
+            keep = VoxelHash(grown).lookup(self.coords) >= 0
+        return self.detach().select(keep)
+
+    def detach(self) -> "SparseFlex":
+        return replace(self, **{k: v.detach() for k, v in self.parameters_dict().items()}, consistency=None)
 
     def parameters_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)

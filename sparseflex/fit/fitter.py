@@ -1,0 +1,237 @@
+"""Per-shape fitting of a SparseFlex to a mesh by rendering losses alone, with frustum-aware sectional voxels.
+
+Coarse to fine: the SparseFlex starts from :func:`~sparseflex.fit.convert.mesh_to_sparseflex` at a low resolution,
+is optimised, pruned to the voxels holding surface, subdivided, and optimised again, up to the target resolution.
+Every step draws one camera (outside, zoomed-in or interior), picks near/far planes so that a fraction
+``visibility_ratio`` of the voxels is inside its frustum, and extracts and renders only those voxels; the ground
+truth is rendered with the same clipped camera.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.mesh import Mesh
+from ..data.sampling import sample_surface
+from ..errors import OptionError, SparseFlexError, check_range
+from ..flexicubes.regularizers import sdf_sign_loss, weight_l1
+from ..flexicubes.representation import SparseFlex
+from ..losses import RenderLossWeights, render_loss
+from ..render.frustum import section
+from ..render.maps import render
+from .convert import mesh_to_sparseflex
+from .views import ViewMix, ViewSampler
+
+PARAMS = ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw")
+
+
+def default_visibility_ratio(resolution: int) -> float:
+    """Fraction of voxels each step sees: all of them up to 256, then less so memory follows the view."""
+    return 1.0 if resolution <= 256 else (0.3 if resolution <= 512 else 0.1)
+
+
+@dataclass
+class FitConfig:
+    resolution: int = 256
+    start_resolution: int = 0          # 0: automatic (resolution / 4, at least 32)
+    iterations: int = 600              # total over all stages
+    visibility_ratio: float = 0.0      # 0: automatic (see default_visibility_ratio)
+    image_size: int = 256
+    lr_sdf: float = 0.05               # in voxels per step
+    lr_deform: float = 0.02
+    lr_weights: float = 0.02
+    dev_weight: float = 0.5
+    sign_weight: float = 0.01
+    weight_l1: float = 1e-3
+    margin: int = 1                    # voxels kept around the surface when pruning
+    views: ViewMix = field(default_factory=ViewMix)
+    loss: RenderLossWeights = field(default_factory=RenderLossWeights)
+    backend: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def validate(self) -> "FitConfig":
+        check_range("resolution", self.resolution, 8, 2048)
+        if self.resolution & (self.resolution - 1):
+            raise OptionError(f"resolution must be a power of two; got {self.resolution}")
+        check_range("iterations", self.iterations, 0, 10_000_000)
+        check_range("visibility ratio", self.visibility_ratio, 0, 1)
+        check_range("image size", self.image_size, 16, 4096)
+        if self.start_resolution and (self.start_resolution > self.resolution
+                                      or self.start_resolution & (self.start_resolution - 1)):
+            raise OptionError(f"start resolution must be a power of two <= {self.resolution}; "
+                              f"got {self.start_resolution}")
+        return self
+
+    def stages(self) -> list[int]:
+        start = self.start_resolution or max(min(self.resolution, 32), self.resolution // 4)
+        res = [start]
+        while res[-1] < self.resolution:
+            res.append(res[-1] * 2)
+        return res
+
+    def ratio(self, resolution: int) -> float:
+        return self.visibility_ratio or default_visibility_ratio(resolution)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        d = dict(d)
+        d["views"] = ViewMix(**d.get("views", {}))
+        d["loss"] = RenderLossWeights(**d.get("loss", {}))
+        return cls(**d)
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume: the SparseFlex, the optimiser, where we are, and what happened so far."""
+    sf: SparseFlex
+    stage: int = 0
+    step: int = 0                      # global step over all stages
+    history: list = field(default_factory=list)  # (step, resolution, kind, total, parts)
+    timing: dict = field(default_factory=lambda: {"extract": 0.0, "render": 0.0, "backward": 0.0, "other": 0.0})
+    optimizer_state: dict | None = None
+    rng_state: torch.Tensor | None = None
+
+
+def stage_steps(config: FitConfig) -> list[int]:
+    """Iterations per stage: split evenly, the remainder going to the last stage."""
+    n = len(config.stages())
+    base = config.iterations // n
+    return [base] * (n - 1) + [config.iterations - base * (n - 1)]
+
+
+def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Optimizer:
+    for name in PARAMS:
+        getattr(sf, name).requires_grad_(True)
+    return torch.optim.Adam([
+        {"params": [sf.sdf], "lr": config.lr_sdf / sf.resolution},
+        {"params": [sf.deform], "lr": config.lr_deform},
+        {"params": [sf.alpha_raw, sf.beta_raw, sf.gamma_raw], "lr": config.lr_weights},
+    ])
+
+
+def refine(sf: SparseFlex, margin: int = 1) -> SparseFlex:
+    """Prune to the surface band, subdivide, and prune the children to their own surface band."""
+    return sf.prune(margin).subdivide().prune(margin)
+
+
+class Fitter:
+    """Fits a SparseFlex to a normalised ground-truth mesh. Call :meth:`run`; it can be resumed from a state."""
+
+    def __init__(self, gt: Mesh, config: FitConfig, state: FitState | None = None, device=None):
+        self.config = config.validate()
+        self.device = torch.device(device) if device is not None else gt.vertices.device
+        self.gt = gt.to(self.device)
+        gen = torch.Generator().manual_seed(config.seed)
+        pts, nrm, _ = sample_surface(self.gt, 200_000, generator=gen)
+        self.sampler = ViewSampler(pts, nrm, config.image_size, config.views, gen)
+        if state is None:
+            sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin, seed=config.seed)
+            state = FitState(sf)
+        else:
+            self.sampler.generator.set_state(state.rng_state)
+        self.state = state
+        self.optimizer = make_optimizer(state.sf, config)
+        if state.optimizer_state is not None:
+            self.optimizer.load_state_dict(state.optimizer_state)
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def step(self) -> tuple[str, float, dict]:
+        cfg, sf, timing = self.config, self.state.sf, self.state.timing
+        t0 = time.perf_counter()
+        kind, cam = self.sampler.sample()
+        offset = float(torch.rand((), generator=self.sampler.generator))
+        cam, active = section(sf.voxel_centers().detach(), cam, cfg.ratio(sf.resolution), offset=offset)
+        sub = sf.select(active[0])
+        t1 = time.perf_counter()
+        ex = sub.extract(training=True)
+        t2 = time.perf_counter()
+        pred = render(ex.vertices, ex.faces, cam, backend=cfg.backend, allow_empty=True)
+        with torch.no_grad():
+            target = render(self.gt.vertices, self.gt.faces, cam, backend=cfg.backend, antialias_edges=True)
+        t3 = time.perf_counter()
+        total, parts = render_loss(pred, target, cfg.loss)
+        if len(ex.faces):
+            parts["dev"] = cfg.dev_weight * ex.dev_loss
+        parts["sign"] = cfg.sign_weight * sdf_sign_loss(sub.sdf, ex.crossing_edges, scale=sf.resolution)
+        parts["l1"] = cfg.weight_l1 * weight_l1(sub.alpha_raw, sub.beta_raw, sub.gamma_raw)
+        total = sum(parts.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if total.requires_grad:
+            total.backward()
+            self.optimizer.step()
+        t4 = time.perf_counter()
+        timing["other"] += t1 - t0
+        timing["extract"] += t2 - t1
+        timing["render"] += t3 - t2
+        timing["backward"] += t4 - t3
+        return kind, float(total), {k: float(v) for k, v in parts.items()}
+
+    # -- the whole run --------------------------------------------------------------------------------------------
+    def run(self, progress=None, on_checkpoint=None) -> SparseFlex:
+        """Optimise all remaining stages; ``on_checkpoint(state)`` is called every ``checkpoint_every`` steps."""
+        cfg, st = self.config, self.state
+        steps = stage_steps(cfg)
+        stages = cfg.stages()
+        while st.stage < len(stages):
+            end = sum(steps[: st.stage + 1])
+            while st.step < end:
+                kind, total, parts = self.step()
+                if not math.isfinite(total):
+                    raise SparseFlexError(f"loss became {total} at step {st.step}; try a lower learning rate")
+                st.history.append((st.step, st.sf.resolution, kind, total, parts))
+                st.step += 1
+                if progress is not None:
+                    progress(st, total)
+                if on_checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                    on_checkpoint(self.snapshot())
+            if st.stage + 1 < len(stages):
+                st.sf = refine(st.sf, cfg.margin)
+                self.optimizer = make_optimizer(st.sf, cfg)
+            st.stage += 1
+        return st.sf
+
+    def snapshot(self) -> FitState:
+        st = self.state
+        st.optimizer_state = self.optimizer.state_dict()
+        st.rng_state = self.sampler.generator.get_state()
+        return st
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, state: FitState, config: FitConfig) -> None:
+    """Write atomically (temporary file + rename), so an interruption never leaves a half-written checkpoint."""
+    sf = state.sf
+    payload = {
+        "format": "sparseflex-fit-1",
+        "config": asdict(config),
+        "sparseflex": {"coords": sf.coords, "resolution": sf.resolution, "corners": sf.corners,
+                       "voxel_corners": sf.voxel_corners, **{k: getattr(sf, k).detach() for k in PARAMS}},
+        "stage": state.stage, "step": state.step, "history": state.history, "timing": state.timing,
+        "optimizer": state.optimizer_state, "rng": state.rng_state,
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device=None) -> tuple[FitState, FitConfig]:
+    try:
+        payload = torch.load(path, map_location=device or "cpu", weights_only=False)
+        if payload.get("format") != "sparseflex-fit-1":
+            raise ValueError("not a sparseflex fit checkpoint")
+        d = payload["sparseflex"]
+        sf = SparseFlex(d["coords"], int(d["resolution"]), d["corners"], d["voxel_corners"],
+                        *[d[k] for k in PARAMS])
+    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be resumed from
+        raise SparseFlexError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    state = FitState(sf, payload["stage"], payload["step"], payload["history"], payload["timing"],
+                     payload["optimizer"], payload["rng"])
+    return state, FitConfig.from_dict(payload["config"])
