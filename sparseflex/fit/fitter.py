@@ -43,9 +43,10 @@ class FitConfig:
     iterations: int = 600              # total over all stages
     visibility_ratio: float = 0.0      # 0: automatic (see default_visibility_ratio)
     image_size: int = 256
-    lr_sdf: float = 0.05               # in voxels per step
-    lr_deform: float = 0.02
-    lr_weights: float = 0.02
+    lr_sdf: float = 0.01               # in voxels per step
+    lr_deform: float = 0.005
+    lr_weights: float = 0.005
+    lr_final: float = 0.1              # cosine decay within each stage to this fraction of the rate
     dev_weight: float = 0.5
     sign_weight: float = 0.01
     weight_l1: float = 1e-3
@@ -106,7 +107,7 @@ def stage_steps(config: FitConfig) -> list[int]:
     return [base] * (n - 1) + [config.iterations - base * (n - 1)]
 
 
-def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Optimizer:
+def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Adam:
     for name in PARAMS:
         getattr(sf, name).requires_grad_(True)
     return torch.optim.Adam([
@@ -137,7 +138,9 @@ class Fitter:
         else:
             self.sampler.generator.set_state(state.rng_state)
         self.state = state
+        self.sampler.resolution = state.sf.resolution
         self.optimizer = make_optimizer(state.sf, config)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if state.optimizer_state is not None:
             self.optimizer.load_state_dict(state.optimizer_state)
 
@@ -162,6 +165,7 @@ class Fitter:
         parts["sign"] = cfg.sign_weight * sdf_sign_loss(sub.sdf, ex.crossing_edges, scale=sf.resolution)
         parts["l1"] = cfg.weight_l1 * weight_l1(sub.alpha_raw, sub.beta_raw, sub.gamma_raw)
         total = sum(parts.values())
+        self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:
             total.backward()
@@ -171,7 +175,16 @@ class Fitter:
         timing["extract"] += t2 - t1
         timing["render"] += t3 - t2
         timing["backward"] += t4 - t3
-        return kind, float(total), {k: float(v) for k, v in parts.items()}
+        return kind, float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
+
+    def _set_learning_rate(self) -> None:
+        """Cosine decay from the configured rates to ``lr_final`` of them over the current stage."""
+        steps = stage_steps(self.config)
+        first = sum(steps[: self.state.stage])
+        t = (self.state.step - first) / max(steps[min(self.state.stage, len(steps) - 1)], 1)
+        factor = self.config.lr_final + (1 - self.config.lr_final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
     # -- the whole run --------------------------------------------------------------------------------------------
     def run(self, progress=None, on_checkpoint=None) -> SparseFlex:
@@ -193,7 +206,9 @@ class Fitter:
                     on_checkpoint(self.snapshot())
             if st.stage + 1 < len(stages):
                 st.sf = refine(st.sf, cfg.margin)
+                self.sampler.resolution = st.sf.resolution
                 self.optimizer = make_optimizer(st.sf, cfg)
+                self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
             st.stage += 1
         return st.sf
 

@@ -11,11 +11,11 @@ import torch
 from scipy.spatial import cKDTree
 
 
-def oriented_point_sdf(query: torch.Tensor, points: torch.Tensor, normals: torch.Tensor,
-                       chunk: int = 1 << 20) -> torch.Tensor:
-    """``dot(q - p, n)`` with ``(p, n)`` the sampled point nearest to each query ``q``; same device/dtype as ``query``.
-
-    The KD-tree search runs on the CPU (scipy); results are moved back to the query's device.
+def nearest_oriented(query: torch.Tensor, points: torch.Tensor, normals: torch.Tensor,
+                     chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query ``q`` and its nearest sample ``(p, n)``: the signed tangent-plane distance ``dot(q - p, n)``
+    and the lateral distance (how far ``q`` lies sideways of ``p`` along the tangent plane, large past the
+    boundary of an open surface). The KD-tree search runs on the CPU (scipy); results return to the query's device.
     """
     tree = cKDTree(points.detach().cpu().double().numpy())
     q = query.detach().cpu().double().numpy()
@@ -24,4 +24,12 @@ def oriented_point_sdf(query: torch.Tensor, points: torch.Tensor, normals: torch
         idx[start:start + chunk] = tree.query(q[start:start + chunk], k=1, workers=-1)[1]
     idx_t = torch.from_numpy(idx).to(points.device)
     p, n = points[idx_t].to(query), normals[idx_t].to(query)
-    return ((query - p) * n).sum(dim=1)
+    diff = query - p
+    signed = (diff * n).sum(dim=1)
+    lateral = (diff - signed[:, None] * n).norm(dim=1)
+    return signed, lateral
+
+
+def oriented_point_sdf(query: torch.Tensor, points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """``dot(q - p, n)`` with ``(p, n)`` the sampled point nearest to each query ``q``."""
+    return nearest_oriented(query, points, normals)[0]
