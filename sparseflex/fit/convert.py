@@ -11,8 +11,8 @@ from ..data.mesh import Mesh
 from ..data.sampling import sample_surface
 from ..data.voxelize import voxelize
 from ..flexicubes.init_sdf import nearest_oriented, oriented_point_sdf
-from ..sparse.coords import dilate
 from ..flexicubes.representation import SparseFlex
+from ..sparse.coords import batched, dilate
 
 
 def default_num_points(num_voxels: int) -> int:
@@ -20,24 +20,30 @@ def default_num_points(num_voxels: int) -> int:
     return int(min(max(16 * num_voxels, 200_000), 24_000_000))
 
 
-def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_points: int | None = None,
-                       seed: int = 0, max_lateral: float = 0.75) -> SparseFlex:
-    """SparseFlex of a NORMALISED mesh: voxels the triangles touch (dilated), corner SDF from oriented points.
+def surface_band(mesh: Mesh, resolution: int, points: torch.Tensor, normals: torch.Tensor, dilation: int = 1,
+                 max_lateral: float = 0.75) -> torch.Tensor:
+    """The voxels ``[N, 4]`` a SparseFlex of a NORMALISED mesh needs at ``resolution``.
 
-    Dilation may step one voxel outside [0, R): a normalised mesh touches the cube's faces, and without that apron
-    the crossing edges lying on the cube's faces would lack voxels and leave holes at the extremities.
-    ``max_lateral`` (in voxels) bounds how far sideways of the nearest surface sample a voxel centre may lie.
+    The voxels the triangles touch, dilated; dilation may step one voxel outside [0, R), because a normalised mesh
+    touches the cube's faces and the crossing edges on them would otherwise lack voxels (holes at the extremities).
+    Voxels whose centre lies more than ``max_lateral`` voxels sideways of the nearest surface sample ``points`` are
+    dropped: past an open boundary the surface then ends (open) instead of continuing its tangent plane.
     """
-    coords = voxelize(mesh, resolution).to(mesh.vertices.device)
+    coords = batched(voxelize(mesh, resolution).to(points.device))
     if dilation > 0:
         coords = dilate(coords, dilation)
         coords = coords[((coords[:, 1:] >= -1) & (coords[:, 1:] <= resolution)).all(1)]
-    n = num_points or default_num_points(len(coords))
-    gen = torch.Generator().manual_seed(seed)
-    points, normals, _ = sample_surface(mesh, n, generator=gen)
-    # Past an open boundary the nearest sample lies sideways of a voxel: drop such voxels, so the surface ends
-    # there (open) instead of continuing the tangent plane through the dilated band.
     centres = (coords[:, 1:].to(points.dtype) + 0.5) / resolution - 0.5
     _, lateral = nearest_oriented(centres, points, normals)
-    coords = coords[lateral <= max_lateral / resolution]
+    return coords[lateral <= max_lateral / resolution]
+
+
+def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_points: int | None = None,
+                       seed: int = 0, max_lateral: float = 0.75) -> SparseFlex:
+    """SparseFlex of a NORMALISED mesh: the :func:`surface_band` voxels, corner SDF from oriented points."""
+    if num_points is None:  # size the sample to the voxel count, estimated from the surface area
+        num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
+    gen = torch.Generator().manual_seed(seed)
+    points, normals, _ = sample_surface(mesh, num_points, generator=gen)
+    coords = surface_band(mesh, resolution, points, normals, dilation, max_lateral)
     return SparseFlex.from_sdf(coords, resolution, lambda pos: oriented_point_sdf(pos, points, normals))

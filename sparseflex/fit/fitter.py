@@ -25,7 +25,8 @@ from ..flexicubes.representation import SparseFlex
 from ..losses import RenderLossWeights, render_loss
 from ..render.frustum import section
 from ..render.maps import render
-from .convert import mesh_to_sparseflex
+from ..sparse.coords import VoxelHash
+from .convert import default_num_points, mesh_to_sparseflex, surface_band
 from .views import ViewMix, ViewSampler
 
 PARAMS = ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw")
@@ -117,9 +118,11 @@ def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Adam:
     ])
 
 
-def refine(sf: SparseFlex, margin: int = 1) -> SparseFlex:
-    """Prune to the surface band, subdivide, and prune the children to their own surface band."""
-    return sf.prune(margin).subdivide().prune(margin)
+def refine(sf: SparseFlex, band: torch.Tensor, margin: int = 1) -> SparseFlex:
+    """Prune to the surface band, subdivide, and keep the children inside ``band`` (the ground truth's voxels at
+    the finer resolution: the occupancy a self-pruning decoder learns), so open boundaries stay open."""
+    fine = sf.prune(margin).subdivide()
+    return fine.select(VoxelHash(band).lookup(fine.coords) >= 0)
 
 
 class Fitter:
@@ -130,8 +133,10 @@ class Fitter:
         self.device = torch.device(device) if device is not None else gt.vertices.device
         self.gt = gt.to(self.device)
         gen = torch.Generator().manual_seed(config.seed)
-        pts, nrm, _ = sample_surface(self.gt, 200_000, generator=gen)
-        self.sampler = ViewSampler(pts, nrm, config.image_size, config.views, gen)
+        area = self.gt.area
+        n_points = default_num_points(int(2 * area * config.resolution ** 2 * (1 + 2 * config.margin)))
+        self.points, self.normals, _ = sample_surface(self.gt, n_points, generator=gen)
+        self.sampler = ViewSampler(self.points, self.normals, config.image_size, config.views, gen)
         if state is None:
             sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin, seed=config.seed)
             state = FitState(sf)
@@ -205,7 +210,8 @@ class Fitter:
                 if on_checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                     on_checkpoint(self.snapshot())
             if st.stage + 1 < len(stages):
-                st.sf = refine(st.sf, cfg.margin)
+                band = surface_band(self.gt, st.sf.resolution * 2, self.points, self.normals, cfg.margin)
+                st.sf = refine(st.sf, band, cfg.margin)
                 self.sampler.resolution = st.sf.resolution
                 self.optimizer = make_optimizer(st.sf, cfg)
                 self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]

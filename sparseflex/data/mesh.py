@@ -1,0 +1,226 @@
+"""Triangle meshes: loading every common format behind one call, welding, cleaning, saving, normalisation."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError, OptionError
+
+#: Extensions :func:`load_mesh` reads (through trimesh).
+LOAD_FORMATS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
+#: Extensions :func:`save_mesh` writes.
+SAVE_FORMATS = (".ply", ".obj")
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh as tensors on any device."""
+    vertices: torch.Tensor  # [V, 3] float (float32 when loaded)
+    faces: torch.Tensor     # [F, 3] int64
+
+    def __post_init__(self):
+        if not isinstance(self.vertices, torch.Tensor):
+            self.vertices = torch.as_tensor(np.asarray(self.vertices), dtype=torch.float32)
+        if not isinstance(self.faces, torch.Tensor):
+            self.faces = torch.as_tensor(np.asarray(self.faces, dtype=np.int64))
+        self.faces = self.faces.long()
+
+    def to(self, device) -> "Mesh":
+        return Mesh(self.vertices.to(device), self.faces.to(device))
+
+    @property
+    def num_vertices(self) -> int:
+        return len(self.vertices)
+
+    @property
+    def num_faces(self) -> int:
+        return len(self.faces)
+
+    def _cross(self) -> torch.Tensor:
+        v0, v1, v2 = self.vertices[self.faces].unbind(1)
+        return torch.linalg.cross(v1 - v0, v2 - v0)
+
+    @property
+    def face_normals(self) -> torch.Tensor:
+        """Unit face normals ``[F, 3]`` (right-hand rule on the vertex order; zero for degenerate faces)."""
+        return torch.nn.functional.normalize(self._cross(), dim=1)
+
+    @property
+    def face_areas(self) -> torch.Tensor:
+        return 0.5 * self._cross().norm(dim=1)
+
+    @property
+    def area(self) -> float:
+        """Total surface area."""
+        return float(self.face_areas.sum())
+
+    def to_trimesh(self):
+        import trimesh
+        return trimesh.Trimesh(self.vertices.detach().cpu().double().numpy(), self.faces.cpu().numpy(), process=False)
+
+    @classmethod
+    def from_trimesh(cls, tm) -> "Mesh":
+        return cls(torch.as_tensor(np.asarray(tm.vertices, dtype=np.float32)),
+                   torch.as_tensor(np.asarray(tm.faces, dtype=np.int64)))
+
+
+def as_vertices_faces(mesh) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vertices, faces)`` of a :class:`Mesh` or of a ``(vertices, faces)`` pair."""
+    if isinstance(mesh, Mesh):
+        return mesh.vertices, mesh.faces
+    vertices, faces = mesh
+    return torch.as_tensor(vertices), torch.as_tensor(faces).long()
+
+
+# -- loading ----------------------------------------------------------------------------------------------------------
+
+def load_mesh(path: str | os.PathLike) -> Mesh:
+    """Read OBJ, PLY, STL, OFF or GLB/GLTF into one welded, clean triangle mesh (float32 vertices, CPU).
+
+    Scenes are flattened with their node transforms applied; vertices at the same position are merged (UV and
+    normal seams disappear); faces with a repeated vertex or zero area and unreferenced vertices are dropped.
+    Raises :class:`InputError` for a missing, empty, unreadable or unsupported file, a file without faces and
+    non-finite coordinates.
+    """
+    p = Path(path)
+    ext = p.suffix.lower()
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a file")
+    if ext not in LOAD_FORMATS:
+        raise InputError(f"{p}: unsupported mesh format {ext or '(no extension)'!r}; use one of "
+                         f"{', '.join(e[1:].upper() for e in LOAD_FORMATS)}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty")
+    vertices, faces = _read_triangles(p, ext)
+    if len(faces) == 0:
+        raise InputError(f"{p}: no triangle faces (a point cloud or empty geometry)")
+    used = vertices[np.unique(faces)]
+    if not np.isfinite(used).all():
+        raise InputError(f"{p}: vertex coordinates contain NaN or infinity")
+    vertices, faces = clean_triangles(vertices, faces)
+    if len(faces) == 0:
+        raise InputError(f"{p}: every face is degenerate (zero area)")
+    if not np.isfinite(vertices.astype(np.float32)).all():
+        raise InputError(f"{p}: vertex coordinates overflow float32")
+    return Mesh(torch.from_numpy(vertices.astype(np.float32)), torch.from_numpy(faces))
+
+
+def _read_triangles(p: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
+    """All triangle geometry of the file in world coordinates (node transforms applied), concatenated."""
+    import trimesh
+
+    try:
+        scene = trimesh.load(p, force="scene", process=False)
+    except Exception as exc:  # trimesh raises anything from ValueError to struct.error on bad bytes
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise InputError(f"{p}: cannot read as {ext[1:].upper()} ({detail})") from None
+    vertices, faces, offset = [], [], 0
+    for node in scene.graph.nodes_geometry:
+        transform, name = scene.graph[node]
+        geom = scene.geometry.get(name)
+        if not isinstance(geom, trimesh.Trimesh) or len(geom.faces) == 0:
+            continue  # point clouds, paths
+        v = trimesh.transformations.transform_points(np.asarray(geom.vertices, dtype=np.float64), transform)
+        vertices.append(v)
+        faces.append(np.asarray(geom.faces, dtype=np.int64) + offset)
+        offset += len(v)
+    if not faces:
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(vertices), np.concatenate(faces)
+
+
+def clean_triangles(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weld vertices with identical float32 positions, drop degenerate faces and unreferenced vertices."""
+    v32 = np.ascontiguousarray(vertices, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0 before comparing bytes
+    _, first, inverse = np.unique(v32.view(np.dtype((np.void, 12))).ravel(), return_index=True, return_inverse=True)
+    faces = inverse.reshape(-1)[faces]
+    vertices = np.asarray(vertices, dtype=np.float64)[first]
+    repeated = (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 2] == faces[:, 0])
+    tri = vertices[faces]
+    twice_area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    faces = faces[~repeated & (twice_area > 0)]
+    used, faces = np.unique(faces, return_inverse=True)
+    return vertices[used], faces.reshape(-1, 3).astype(np.int64)
+
+
+# -- saving -----------------------------------------------------------------------------------------------------------
+
+def save_mesh(path: str | os.PathLike, mesh) -> Path:
+    """Write a :class:`Mesh` or ``(vertices, faces)`` as PLY (binary) or OBJ, chosen by extension, atomically."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in SAVE_FORMATS:
+        raise OptionError(f"{p}: cannot write {ext or '(no extension)'!r}; use .ply or .obj")
+    vertices, faces = as_vertices_faces(mesh)
+    v = vertices.detach().cpu().numpy().astype(np.float32)
+    f = faces.cpu().numpy().astype(np.int64)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            (_write_ply if ext == ".ply" else _write_obj)(out, v, f)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def _write_ply(out, v: np.ndarray, f: np.ndarray) -> None:
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
+              f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n")
+    out.write(header.encode("ascii"))
+    out.write(v.astype("<f4").tobytes())
+    rows = np.zeros(len(f), dtype=[("n", "u1"), ("i", "<i4", (3,))])
+    rows["n"], rows["i"] = 3, f
+    out.write(rows.tobytes())
+
+
+def _write_obj(out, v: np.ndarray, f: np.ndarray) -> None:
+    # %.9g round-trips float32 exactly
+    lines = [f"v {x:.9g} {y:.9g} {z:.9g}\n" for x, y, z in v.tolist()]
+    lines += [f"f {a} {b} {c}\n" for a, b, c in (f + 1).tolist()]
+    out.write("".join(lines).encode("ascii"))
+
+
+# -- normalisation ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Normalization:
+    """The similarity ``x -> (x - center) * scale`` that maps a mesh's bounding box into [-0.5, 0.5]^3."""
+    center: torch.Tensor  # [3]
+    scale: float
+
+    @classmethod
+    def of(cls, mesh) -> "Normalization":
+        """Bounding-box centre to the origin, longest side to 1."""
+        vertices, _ = as_vertices_faces(mesh)
+        if len(vertices) == 0:
+            raise InputError("cannot normalise a mesh without vertices")
+        lo, hi = vertices.detach().amin(0), vertices.detach().amax(0)
+        extent = float((hi - lo).max())
+        if not extent > 0 or not np.isfinite(extent):
+            raise InputError(f"cannot normalise a mesh whose bounding box has longest side {extent}")
+        return cls(((lo + hi) / 2).cpu(), 1.0 / extent)
+
+    def apply(self, points: torch.Tensor) -> torch.Tensor:
+        return (points - self.center.to(points)) * self.scale
+
+    def invert(self, points: torch.Tensor) -> torch.Tensor:
+        return points / self.scale + self.center.to(points)
+
+
+def normalize(mesh: Mesh) -> tuple[Mesh, Normalization]:
+    """The mesh moved into [-0.5, 0.5]^3 (bounding-box centre at 0, longest side 1) and the transform used."""
+    t = Normalization.of(mesh)
+    return Mesh(t.apply(mesh.vertices), mesh.faces), t

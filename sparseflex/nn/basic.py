@@ -1,0 +1,73 @@
+"""Feature-wise layers and normalisations on :class:`SparseTensor` (plain ``[N, C]`` tensors pass through too).
+
+Each layer subclasses its torch counterpart, so parameter names and initialisation are torch's and checkpoints
+written for dense layers load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .sparse_tensor import SparseTensor
+
+
+class _FeatureWise:
+    """Apply the torch layer to the feature rows of a SparseTensor (or to a plain tensor)."""
+
+    def forward(self, x):
+        if isinstance(x, SparseTensor):
+            return x.replace(super().forward(x.feats))
+        return super().forward(x)
+
+
+class SparseLinear(_FeatureWise, nn.Linear):
+    """``nn.Linear`` on every voxel."""
+
+
+class SparseGELU(_FeatureWise, nn.GELU):
+    """``nn.GELU`` on every voxel (pass ``approximate="tanh"`` for the SPEC's GELU-tanh)."""
+
+
+class SparseSiLU(_FeatureWise, nn.SiLU):
+    """``nn.SiLU`` on every voxel."""
+
+
+class SparseReLU(_FeatureWise, nn.ReLU):
+    """``nn.ReLU`` on every voxel."""
+
+
+class SparseLayerNorm(_FeatureWise, nn.LayerNorm):
+    """LayerNorm over the channels of each voxel; eps defaults to 1e-6 (SPEC section 4)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__(channels, eps=eps, elementwise_affine=elementwise_affine)
+
+
+class SparseGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are taken per sample over all of that sample's voxels.
+
+    Equals ``nn.GroupNorm`` applied to each sample's features laid out as ``[1, C, N_b]``. Half-precision input is
+    normalised in float32.
+    """
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if not isinstance(x, SparseTensor):
+            raise InputError("SparseGroupNorm needs a SparseTensor (statistics are per sample)")
+        n, c = x.feats.shape
+        if c != self.num_channels:
+            raise InputError(f"SparseGroupNorm expects {self.num_channels} channels; got {c}")
+        g = self.num_groups
+        feats = x.feats.float() if x.feats.dtype in (torch.float16, torch.bfloat16) else x.feats
+        xg = feats.view(n, g, c // g)
+        b = x.batch_index
+        counts = (torch.bincount(b, minlength=x.batch_size) * (c // g)).clamp(min=1).to(feats.dtype)[:, None]
+        # two passes (mean, then centred squares) keep the variance accurate when |mean| >> std
+        mean = feats.new_zeros(x.batch_size, g).index_add(0, b, xg.sum(-1)) / counts
+        centred = xg - mean[b][:, :, None]
+        var = feats.new_zeros(x.batch_size, g).index_add(0, b, centred.square().sum(-1)) / counts
+        y = (centred * torch.rsqrt(var + self.eps)[b][:, :, None]).view(n, c)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return x.replace(y.to(x.feats.dtype))

@@ -1,0 +1,97 @@
+"""Frustum-aware sectional voxels (SPEC section 3): a voxel is active for a view when its centre lies inside the
+view's clip volume; adaptive near/far planes make about a chosen fraction of all voxels active.
+
+Ground truth must be rendered with the same cameras and planes (``camera.with_planes(near, far)``), so both the
+prediction and the target are clipped alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import OptionError, check_range
+from .camera import Camera
+
+
+def frustum_mask(points: torch.Tensor, camera: Camera) -> torch.Tensor:
+    """``[B, N]`` bool: point n lies inside view b's clip volume (``-w <= x, y, z <= w`` after the MVP, w > 0)."""
+    pts = points.reshape(-1, 3)
+    mvp = camera.mvp().to(pts)
+    clip = torch.einsum("bij,nj->bni", mvp[:, :, :3], pts) + mvp[:, None, :, 3]
+    w = clip[..., 3]
+    return (w > 0) & (clip[..., :3].abs() <= w[..., None]).all(-1)
+
+
+def _side_depths(points: torch.Tensor, camera: Camera, b: int, min_near: float) -> torch.Tensor:
+    """Sorted camera-space depths of the points inside view b's side planes (left, right, top, bottom)."""
+    view = camera[b]
+    cam = view.world_to_camera(points)[0]
+    proj = view.projection()[0].to(points)
+    z = cam[:, 2]
+    cx = cam[:, 0] * proj[0, 0] + cam[:, 1] * proj[0, 1] + z * proj[0, 2]
+    cy = cam[:, 1] * proj[1, 1] + z * proj[1, 2]
+    side = (z > min_near) & (cx.abs() <= z) & (cy.abs() <= z)
+    return torch.sort(z[side]).values
+
+
+def _boundary(zs: torch.Tensor, index: int) -> int:
+    """The index nearest to ``index`` where a plane can pass between zs[index - 1] and zs[index] (no tie across)."""
+    if index <= 0 or index >= len(zs) or zs[index - 1] < zs[index]:
+        return index
+    value = zs[index]
+    lo = int(torch.searchsorted(zs, value, right=False))
+    hi = int(torch.searchsorted(zs, value, right=True))
+    return lo if index - lo <= hi - index else hi
+
+
+def adaptive_planes(points: torch.Tensor, camera: Camera, ratio: float, offset=0.0,
+                    min_near: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near and far planes [B] that make about ``ratio * N`` of the ``points`` (voxel centres) active per view.
+
+    Direct selection on the sorted camera-space depths of the points inside each view's side planes: the active
+    section is a window of ``round(ratio * N)`` consecutive depths, starting ``offset`` (0 = nearest to the camera,
+    1 = farthest; a float or one per view) of the way through the depths not taken; each plane sits midway between
+    the last point out and the first point in (ties in depth move it to the nearest gap, the only source of error
+    besides the next case). When the side planes hold fewer points than requested, all of them become active (the
+    ratio falls short); when they hold none, the view keeps its planes. Planes never come closer than ``min_near``.
+    """
+    check_range("visibility ratio", ratio, 0, 1, low_open=True)
+    pts = points.reshape(-1, 3)
+    n_total = len(pts)
+    if n_total == 0:
+        raise OptionError("adaptive_planes needs at least one point")
+    offsets = torch.as_tensor(offset, dtype=torch.float64).reshape(-1).expand(len(camera))
+    if ((offsets < 0) | (offsets > 1)).any():
+        raise OptionError(f"frustum offset must be in [0, 1]; got {offsets.tolist()}")
+    target = min(max(int(round(ratio * n_total)), 1), n_total)
+    near, far = camera.near.clone(), camera.far.clone()
+    for b in range(len(camera)):  # one sort per view
+        zs = _side_depths(pts, camera, b, min_near)
+        m = len(zs)
+        if m == 0:
+            continue
+        pad = 1e-6 * max(1.0, float(zs[-1]))
+        if m <= target:
+            start, end = 0, m
+        else:
+            first = int(round(float(offsets[b]) * (m - target)))
+            start, end = _boundary(zs, first), _boundary(zs, first + target)
+            if end <= start:  # the whole window lies in one tie group: take the group
+                value = zs[min(first, m - 1)]
+                start = int(torch.searchsorted(zs, value, right=False))
+                end = int(torch.searchsorted(zs, value, right=True))
+        near[b] = (zs[start - 1] + zs[start]) / 2 if start > 0 else max(float(zs[0]) - pad, min_near)
+        far[b] = (zs[end - 1] + zs[end]) / 2 if end < m else float(zs[-1]) + pad
+    return near, far
+
+
+def section(points: torch.Tensor, camera: Camera, ratio: float, offset=0.0,
+            min_near: float = 1e-3) -> tuple[Camera, torch.Tensor]:
+    """Cameras with adaptive planes (see :func:`adaptive_planes`) and their active points ``[B, N]``.
+
+    Extract and render only ``points[mask[b]]``'s voxels for view b, and render the ground truth with the returned
+    cameras too.
+    """
+    near, far = adaptive_planes(points, camera, ratio, offset, min_near)
+    sectioned = camera.with_planes(near, far)
+    return sectioned, frustum_mask(points, sectioned)
