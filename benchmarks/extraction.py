@@ -1,0 +1,120 @@
+"""Sparse vs dense FlexiCubes extraction: forward + backward time and peak memory on a real mesh.
+
+Every configuration runs in its own process, so its peak resident memory (ru_maxrss) is its own. Dense FlexiCubes is
+the same extraction code with every voxel of the R^3 grid active; the sparse one holds the surface band that
+`sparseflex convert` builds. Both use the same corner SDF (nearest oriented surface sample), so they extract the
+same surface.
+
+    python benchmarks/extraction.py [--mesh PATH] [--dense 64,128,256] [--sparse 64,128,256,512,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MESH = Path(__file__).resolve().parents[2] / "shared/data/meshes/closed/ddg_kitten.obj"
+
+
+def densify(sf):
+    """The same field on every voxel of the grid: band corners keep their SDF; every other corner takes the sign of
+    the band corners bordering its connected region (flood fill), a few voxels away from zero."""
+    import numpy as np
+    import torch
+    from scipy import ndimage
+
+    from sparseflex.flexicubes.representation import SparseFlex
+    from sparseflex.sparse.coords import dense_grid
+
+    r = sf.resolution
+    lo = int(sf.corners[:, 1:].min())
+    n = max(r + 1, int(sf.corners[:, 1:].max()) + 1) - lo  # the band may step one voxel outside [0, R]
+    grid = np.full((n, n, n), np.nan, dtype=np.float32)
+    c = (sf.corners[:, 1:] - lo).numpy()
+    grid[c[:, 0], c[:, 1], c[:, 2]] = sf.sdf.detach().numpy()
+    unknown = np.isnan(grid)
+    labels, count = ndimage.label(unknown)
+    border = ndimage.binary_dilation(unknown) & ~unknown
+    near_label = ndimage.grey_dilation(labels, size=3) * border
+    sums = np.bincount(near_label[border], weights=np.sign(grid[border]), minlength=count + 1)
+    sign = np.where(sums >= 0, 1.0, -1.0).astype(np.float32)
+    grid[unknown] = sign[labels[unknown]] * 3.0 / r
+    dense = SparseFlex.from_sdf(dense_grid(n - 1) + torch.tensor([0, lo, lo, lo]), r,
+                                lambda p: torch.from_numpy(grid.reshape(-1)))
+    return dense
+
+
+def measure(mesh_path: str, resolution: int, mode: str) -> dict:
+    import torch
+
+    from sparseflex.data.mesh import load_mesh, normalize
+    from sparseflex.fit.convert import mesh_to_sparseflex
+
+    mesh, _ = normalize(load_mesh(mesh_path))
+    t0 = time.perf_counter()
+    sf = mesh_to_sparseflex(mesh, resolution)
+    if mode == "dense":
+        sf = densify(sf)
+    build = time.perf_counter() - t0
+    rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    for name in ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw"):
+        getattr(sf, name).requires_grad_(True)
+    t0 = time.perf_counter()
+    ex = sf.extract(training=True)
+    t1 = time.perf_counter()
+    (ex.vertices.square().sum() + ex.dev_loss).backward()
+    t2 = time.perf_counter()
+    return {"mode": mode, "resolution": resolution, "voxels": sf.num_voxels, "faces": len(ex.faces),
+            "build_s": round(build, 2), "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2),
+            "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+            "peak_build_gb": round(rss_build, 2)}
+
+
+def run_child(mesh: str, resolution: int, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, str(resolution), "--mesh", mesh]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"mode": mode, "resolution": resolution, "error": tail[:80]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mesh", default=str(DEFAULT_MESH))
+    ap.add_argument("--dense", default="64,128,256")
+    ap.add_argument("--sparse", default="64,128,256,512,1024")
+    ap.add_argument("--child", nargs=2, metavar=("MODE", "R"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.mesh, int(args.child[1]), args.child[0])))
+        return
+    rows = {}
+    for r in sorted({int(x) for x in args.dense.split(",") + args.sparse.split(",") if x}):
+        for mode in ("sparse", "dense"):
+            if str(r) in (args.sparse if mode == "sparse" else args.dense).split(","):
+                rows[(mode, r)] = run_child(args.mesh, r, mode)
+                print(json.dumps(rows[(mode, r)]), file=sys.stderr, flush=True)
+    print(f"\nmesh: {args.mesh}")
+    print(f"{'R':>5} {'mode':>6} {'voxels':>11} {'faces':>10} {'fwd s':>7} {'bwd s':>7} {'peak GB':>8} "
+          f"{'dense/sparse time':>18} {'dense/sparse mem':>17}")
+    for (mode, r), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] != "sparse")):
+        if "error" in row:
+            print(f"{r:>5} {mode:>6}  failed: {row['error']}")
+            continue
+        ratio_t = ratio_m = ""
+        if mode == "dense" and ("sparse", r) in rows and "error" not in rows[("sparse", r)]:
+            s = rows[("sparse", r)]
+            ratio_t = f"{(row['forward_s'] + row['backward_s']) / max(s['forward_s'] + s['backward_s'], 1e-9):.1f}x"
+            ratio_m = f"{row['peak_gb'] / max(s['peak_gb'], 1e-9):.1f}x"
+        print(f"{r:>5} {mode:>6} {row['voxels']:>11,} {row['faces']:>10,} {row['forward_s']:>7.2f} "
+              f"{row['backward_s']:>7.2f} {row['peak_gb']:>8.2f} {ratio_t:>18} {ratio_m:>17}")
+
+
+if __name__ == "__main__":
+    main()
