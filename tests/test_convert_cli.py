@@ -22,7 +22,7 @@ def sphere_file(tmp_path):
 
 def test_convert_round_trip(sphere_file, tmp_path, capsys):
     out = tmp_path / "out.ply"
-    assert main(["convert", str(sphere_file), "-o", str(out), "--resolution", "64"]) == 0
+    assert main(["convert", str(sphere_file), "-o", str(out), "--resolution", "64", "--metrics-points", "20000"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["fscore@0.01"] >= 99
     assert report["metrics"]["normal_consistency"] >= 0.99

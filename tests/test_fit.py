@@ -87,7 +87,7 @@ def test_fit_cli_outputs_and_resume(tmp_path, capsys):
     save_mesh(src, m)
     out = tmp_path / "fit"
     args = ["fit", str(src), "-o", str(out), "--resolution", "32", "--start-resolution", "16", "--iterations", "6",
-            "--image-size", "64", "--checkpoint-every", "2", "--quiet"]
+            "--image-size", "64", "--checkpoint-every", "2", "--metrics-points", "20000", "--quiet"]
     assert main(args) == 0
     for name in ["mesh.ply", "metrics.json", "comparison.png", "loss.png", "checkpoint.pt"]:
         assert (out / name).exists(), name
@@ -100,7 +100,8 @@ def test_fit_cli_outputs_and_resume(tmp_path, capsys):
     # a second run refuses to overwrite; --resume extends the finished run
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(args[:-4] + ["--iterations", "8", "--resume", "--quiet"]) == 0
+    resume = [a if a != "6" else "8" for a in args] + ["--resume"]  # --iterations 8 extends the finished run
+    assert main(resume) == 0
     assert json.loads((out / "metrics.json").read_text())["iterations"] == 8
 
 

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--points", type=positive_int, default=None, help="surface samples for the SDF (default: automatic)")
     p.add_argument("--no-metrics", action="store_true", help="skip the metrics against the input")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-points", type=positive_int, default=300_000,
+                   help="samples per mesh for the metrics against the input (default 300,000)")
     add_overwrite(p)
     p.set_defaults(func=run)
 
@@ -42,6 +44,6 @@ def run(args) -> int:
               "seconds": round(time.perf_counter() - start, 2)}
     if not args.no_metrics:
         from ..eval.metrics import mesh_metrics
-        report["metrics"] = mesh_metrics(result, mesh, seed=args.seed)
+        report["metrics"] = mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed)
     print(json.dumps(report, indent=2))
     return 0

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-points", type=positive_int, default=300_000,
+                   help="samples per mesh for the metrics against the input (default 300,000)")
     p.add_argument("--resume", action="store_true", help="continue the fit saved in OUTDIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start again even if OUTDIR holds a previous fit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -106,10 +108,10 @@ def run(args) -> int:
         "voxels": sf.num_voxels, "vertices": len(result.vertices), "faces": len(result.faces),
         "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak_memory_gb(args.device), 2),
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
-        "metrics": mesh_metrics(result, mesh, seed=args.seed),
+        "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    comparison_image(normed.cpu(), {"fitted": fitted_normed.to("cpu")}, out / "comparison.png")
+    comparison_image(normed.to("cpu"), {"fitted": fitted_normed.to("cpu")}, out / "comparison.png")
     loss_curve(fitter.state.history, out / "loss.png", title=f"sparseflex fit {Path(args.input).name}")
     print(json.dumps(report, indent=2))
     return 0
