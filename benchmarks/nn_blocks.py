@@ -11,6 +11,7 @@ second table sweeps the occupancy of a 64^3 grid to find where sparse convolutio
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from sparseflex.nn import (LocalPointNet, SparseConv3d, SparseCrossAttention, SparseFullSelfAttention, SparseGroupNorm, SparseTensor, SparseTransformerBlock,
-                           SparseWindowSelfAttention, conv_plan, sparse_downsample, sparse_subdivide, window_ids,
-                           window_plan)
+from sparseflex.nn import (LocalPointNet, SparseConv3d, SparseCrossAttention, SparseFullSelfAttention,
+                           SparseGroupNorm, SparseTensor, SparseTransformerBlock, SparseWindowSelfAttention, conv_plan,
+                           sparse_downsample, sparse_subdivide, window_ids, window_plan)
 from sparseflex.sparse import dense_grid, unique_coords
 
 DEFAULT_MESH = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes" / "closed" / "ddg_gargoyle.obj"
@@ -52,14 +53,17 @@ def surface_voxels(mesh_path: Path | None, target: int) -> tuple[torch.Tensor, s
     return coords, f"{name} at {res}^3"
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, repeat: int) -> float:
-    """Best wall time over ``repeat`` runs after a warm-up (least disturbed by other work on a shared machine)."""
+    """Best time over ``repeat`` runs after a warm-up (least disturbed by other work on a shared machine)."""
     fn()
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, CLOCK() - start)
     return best
 
 
@@ -110,16 +114,16 @@ def bench_window_attention(x, channels, heads, repeat):
     n = len(x)
     d = channels // heads
     plan = window_plan(x, 8, 0)
-    q, k, v = (torch.randn(n, heads, d) for _ in range(3))
-    sparse = timed(fwd_bwd(lambda a, b, c: plan.attend(a, b, c), q, k, v), repeat)
+    qkv = torch.randn(n, 3, heads, d)  # the fused projection's layout, as the attention layers use it
+    sparse = timed(fwd_bwd(plan.attend_packed, qkv), repeat)
     # dense SDPA on the same tokens: equal windows whose length gives the same attention FLOPs (sum L_i^2 / N)
     win_len = _window_lengths(x)
     l_eq = max(1, round(float((win_len.double() ** 2).sum() / n)))
 
     def dense_sdpa(length):
         m = n // length
-        return fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(
-            *(t[:m * length].view(m, length, heads, d).transpose(1, 2) for t in (a, b, c))), q, k, v)
+        return fwd_bwd(lambda t: F.scaled_dot_product_attention(
+            *t[:m * length].view(m, length, 3, heads, d).permute(2, 0, 3, 1, 4)), qkv)
     dense_eq = timed(dense_sdpa(l_eq), repeat)
     dense_512 = timed(dense_sdpa(512), repeat)
     note = (f"{len(win_len)} windows, mean {win_len.double().mean():.0f} voxels; {len(plan.buckets)} buckets, "
@@ -129,8 +133,8 @@ def bench_window_attention(x, channels, heads, repeat):
         "dense grid equivalent: N/512 windows of 512")
 
 
-def _window_lengths(x):
-    keys = torch.sort(window_ids(x.coords, 8, 0)).values
+def _window_lengths(x, shift=0):
+    keys = torch.sort(window_ids(x.coords, 8, shift)).values
     return torch.unique_consecutive(keys, return_counts=True)[1]
 
 
@@ -140,7 +144,7 @@ def bench_window_module(x, channels, heads, repeat):
     feats = torch.randn(n, channels)
     window_plan(x, 8, 4)
     sparse = timed(fwd_bwd(lambda f: layer(x.replace(f)).feats, feats), repeat)
-    l_eq = max(1, round(float((_window_lengths(x).double() ** 2).sum() / n)))
+    l_eq = max(1, round(float((_window_lengths(x, 4).double() ** 2).sum() / n)))
     m = n // l_eq
 
     def dense(f):
@@ -157,7 +161,7 @@ def bench_block(x, channels, heads, repeat):
     feats = torch.randn(n, channels)
     window_plan(x, 8, 4)
     sparse = timed(fwd_bwd(lambda f: block(x.replace(f)).feats, feats), repeat)
-    l_eq = max(1, round(float((_window_lengths(x).double() ** 2).sum() / n)))
+    l_eq = max(1, round(float((_window_lengths(x, 4).double() ** 2).sum() / n)))
     m = n // l_eq
 
     def dense(f):
@@ -177,13 +181,13 @@ def bench_block(x, channels, heads, repeat):
 def bench_full_attention(channels, heads, repeat, samples=4, tokens=2048):
     # O(n^2) per sample: 200k tokens would be hours on this CPU, so a batch of smaller samples
     lens = torch.tensor([tokens - 300, tokens + 100, tokens + 300, tokens - 100])[:samples]
-    coords = torch.cat([torch.stack([torch.full((int(n),), b), torch.arange(int(n)), torch.zeros(int(n), dtype=torch.long),
-                                     torch.zeros(int(n), dtype=torch.long)], 1) for b, n in enumerate(lens)])
+    coords = torch.cat([torch.stack([torch.full((n,), b), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                                     torch.zeros(n, dtype=torch.long)], 1) for b, n in enumerate(lens.tolist())])
     x = SparseTensor(coords, torch.zeros(len(coords), 1))
     layer = SparseFullSelfAttention(channels, heads)
     feats = torch.randn(len(x), channels)
     sparse = timed(fwd_bwd(lambda f: layer(x.replace(f)).feats, feats), repeat)
-    length = int(lens.double().square().sum().div(lens.sum()).sqrt().round())
+    length = int(lens.double().square().sum().div(lens.sum()).round())  # equal attention FLOPs
     m = len(x) // length
 
     def dense(f):
@@ -228,7 +232,7 @@ def bench_resample(x, side, channels, repeat):
     row("sparse_downsample (mean)", f"C={channels}", down, dense, "dense = avg_pool3d; " + note)
 
 
-def bench_pointnet(n_voxels, repeat, points_per_voxel=4, hidden=128):
+def bench_pointnet(n_voxels, repeat, points_per_voxel=2, hidden=128):
     n_points = n_voxels * points_per_voxel
     net = LocalPointNet(hidden=hidden, out_channels=2 * hidden)
     index = torch.randint(0, n_voxels, (n_points,))
@@ -241,7 +245,7 @@ def bench_pointnet(n_voxels, repeat, points_per_voxel=4, hidden=128):
             h = block(torch.cat([h, h], 1) if i else h)
         return net.fc_c(h)
     row("LocalPointNet", f"hidden {hidden}, {n_points} pts", sparse, timed(fwd_bwd(no_pool, feats), repeat),
-        "scaled down from 256/819k; dense = same MLP without pooling")
+        "scaled down from hidden 256 / 819k points; dense = same MLP without pooling")
 
 
 def occupancy_sweep(channels, repeat, side=64):
@@ -271,15 +275,25 @@ def main() -> None:
     parser.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
     parser.add_argument("--voxels", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; with 1 (default) the figures are process CPU time, else wall time")
     parser.add_argument("--quick", action="store_true", help="64 channels only, skip the 256-channel rows")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.threads == 1 else time.perf_counter
 
     coords, name = surface_voxels(args.mesh, args.voxels)
     x = SparseTensor(coords, torch.zeros(len(coords), 1))
     rel, side = bounding_grid(coords)
+    clock = "process CPU time" if args.threads == 1 else "wall time"
     print(f"{len(x)} voxels: {name}, bounding grid {side[0]}x{side[1]}x{side[2]}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; forward+backward, best of {args.repeat}")
+          f"{args.threads} thread(s), {clock}; forward+backward, best of {args.repeat}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.threads == 1:
+        print("(one thread by default: on a shared, oversubscribed machine multi-threaded timings of the many small "
+              "ops of sparse code measure thread scheduling, not the code; use --threads 2 for wall time)")
     print(f"{'block':<26} {'config':<34} {'sparse s':>9} {'dense s':>9} {'ratio':>7}")
     wide = [64] if args.quick else [64, 256]
     start = time.perf_counter()
@@ -299,7 +313,7 @@ def main() -> None:
     for c in wide:
         bench_group_norm(x, c, args.repeat)
     bench_resample(x, side, 64, args.repeat)
-    bench_pointnet(50_000, args.repeat)
+    bench_pointnet(25_000, args.repeat)
     occupancy_sweep(32, args.repeat)
 
 

@@ -11,6 +11,16 @@ from sparseflex.nn import (SparseCrossAttention, SparseFullSelfAttention, Sparse
 from sparseflex.sparse import dense_grid
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
+    # thousands of small ops of a gradcheck into minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_sparse(batch, res, density, channels, dtype=torch.float64):
     coords = torch.cat([dense_grid(res) + torch.tensor([b, 0, 0, 0]) for b in range(batch)])
     coords = coords[torch.rand(len(coords)) < density]
@@ -126,9 +136,9 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda f: full(x.replace(f)).feats, (feats,))
     assert torch.autograd.gradcheck(lambda f, c: cross(x.replace(f), c).feats, (feats, ctx))
     # and the projection weights of the windowed layer
-    w = window.to_qkv.weight
+    w = window.to_qkv.weight.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda wq: torch.func.functional_call(window, {"to_qkv.weight": wq}, (x,)).feats, (w.detach().clone().requires_grad_(),))
+        lambda wq: torch.func.functional_call(window, {"to_qkv.weight": wq}, (x,)).feats, (w,))
 
 
 def test_window_plan_is_cached_per_shift():

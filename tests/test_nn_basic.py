@@ -14,6 +14,16 @@ from sparseflex.nn import (AbsolutePositionEmbedder, SparseGroupNorm, SparseLaye
 from sparseflex.sparse import CORNER_OFFSETS, dense_grid
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
+    # thousands of small ops of a gradcheck into minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_sparse(batch, res, density, channels, dtype=torch.float64):
     coords = torch.cat([dense_grid(res) + torch.tensor([b, 0, 0, 0]) for b in range(batch)])
     coords = coords[torch.rand(len(coords)) < density]
@@ -97,6 +107,15 @@ def test_group_norm_is_per_sample_torch_group_norm():
     for rows in x.layout:
         expected = ref(x.feats[rows].t()[None])[0].t()
         assert torch.allclose(y.feats[rows], expected, atol=1e-10)
+
+
+def test_group_norm_with_an_empty_sample():
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [2, 0, 0, 0], [2, 0, 1, 0]])
+    x = SparseTensor(coords, torch.randn(5, 4, dtype=torch.float64), batch_size=3)
+    y = SparseGroupNorm(2, 4).double()(x).feats
+    ref = nn.GroupNorm(2, 4).double()
+    assert torch.allclose(y[:3], ref(x.feats[:3].t()[None])[0].t(), atol=1e-12)
+    assert torch.allclose(y[3:], ref(x.feats[3:].t()[None])[0].t(), atol=1e-12)
 
 
 def test_group_norm_precise_with_large_mean_and_gradients():

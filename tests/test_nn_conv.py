@@ -9,6 +9,16 @@ from sparseflex.nn import SparseConv3d, SparseTensor, conv
 from sparseflex.sparse import dense_grid
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
+    # thousands of small ops of a gradcheck into minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_sparse(batch, res, density, channels, dtype=torch.float32):
     coords = torch.cat([dense_grid(res) + torch.tensor([b, 0, 0, 0]) for b in range(batch)])
     coords = coords[torch.rand(len(coords)) < density]
@@ -90,8 +100,8 @@ def test_gradients_match_finite_differences(dense_fill):
     def fn(feats, weight, bias):
         return conv._SubmanifoldConv.apply(feats, weight, bias, plan)
 
-    inputs = (x.feats.clone().requires_grad_(), layer.weight.detach().reshape(2, 27, 3).clone().requires_grad_(),
-              layer.bias.detach().clone().requires_grad_())
+    per_offset = layer.weight.detach().reshape(2, 27, 3).permute(1, 2, 0).contiguous()  # [K, in, out]
+    inputs = tuple(t.clone().requires_grad_() for t in (x.feats, per_offset, layer.bias.detach()))
     assert torch.autograd.gradcheck(fn, inputs)
 
 

@@ -12,6 +12,17 @@ from sparseflex.nn import (ModulatedSparseTransformerCrossBlock, SparseConv3d, S
                            SparseTensor, SparseTransformerBlock)
 from sparseflex.sparse import dense_grid
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
+    # thousands of small ops of a gradcheck into minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "triposf_vae_keys.tsv"
 
 
@@ -45,7 +56,8 @@ def test_conv_and_norm_compose_to_triposf_upsample_keys():
 
     up = nn.Module()
     up.act_layers = nn.Sequential(SparseGroupNorm(32, 768), SparseSiLU())
-    up.out_layers = nn.Sequential(SparseConv3d(768, 192), SparseGroupNorm(32, 192), SparseSiLU(), SparseConv3d(192, 192))
+    up.out_layers = nn.Sequential(SparseConv3d(768, 192), SparseGroupNorm(32, 192), SparseSiLU(),
+                                  SparseConv3d(192, 192))
     up.skip_connection = SparseConv3d(768, 192, 1)
     up.pruning_head = Head(192)
     assert shapes(up) == published("decoder.upsample.0.")

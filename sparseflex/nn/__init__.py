@@ -14,11 +14,11 @@ from .sparse_tensor import SparseTensor, sparse_cat
 from .transformer import ModulatedSparseTransformerCrossBlock, SparseFeedForward, SparseTransformerBlock
 
 __all__ = [
-    "AbsolutePositionEmbedder", "LocalPointNet", "ModulatedSparseTransformerCrossBlock", "ResnetBlockFC",
+    "AbsolutePositionEmbedder", "ConvPlan", "LocalPointNet", "ModulatedSparseTransformerCrossBlock", "ResnetBlockFC",
     "SparseConv3d", "SparseCrossAttention", "SparseFeedForward", "SparseFullSelfAttention", "SparseGELU",
     "SparseGroupNorm", "SparseLayerNorm", "SparseLinear", "SparseReLU", "SparseSiLU", "SparseTensor",
     "SparseTransformerBlock", "SparseWindowSelfAttention", "TimestepEmbedder", "VarlenPlan", "adaln_modulation",
-    "ConvPlan", "conv_plan", "gate", "local_point_features", "modulate", "sample_plan", "segment_reduce", "sincos_position_embedding",
-    "sparse_cat", "sparse_downsample", "sparse_subdivide", "sparse_upsample", "timestep_embedding", "window_ids",
-    "window_plan",
+    "conv_plan", "gate", "local_point_features", "modulate", "sample_plan", "segment_reduce",
+    "sincos_position_embedding", "sparse_cat", "sparse_downsample", "sparse_subdivide", "sparse_upsample",
+    "timestep_embedding", "window_ids", "window_plan",
 ]

@@ -7,6 +7,7 @@ written for dense layers load unchanged.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -55,19 +56,11 @@ class SparseGroupNorm(nn.GroupNorm):
     def forward(self, x: SparseTensor) -> SparseTensor:
         if not isinstance(x, SparseTensor):
             raise InputError("SparseGroupNorm needs a SparseTensor (statistics are per sample)")
-        n, c = x.feats.shape
+        c = x.feats.shape[1]
         if c != self.num_channels:
             raise InputError(f"SparseGroupNorm expects {self.num_channels} channels; got {c}")
-        g = self.num_groups
         feats = x.feats.float() if x.feats.dtype in (torch.float16, torch.bfloat16) else x.feats
-        xg = feats.view(n, g, c // g)
-        b = x.batch_index
-        counts = (torch.bincount(b, minlength=x.batch_size) * (c // g)).clamp(min=1).to(feats.dtype)[:, None]
-        # two passes (mean, then centred squares) keep the variance accurate when |mean| >> std
-        mean = feats.new_zeros(x.batch_size, g).index_add(0, b, xg.sum(-1)) / counts
-        centred = xg - mean[b][:, :, None]
-        var = feats.new_zeros(x.batch_size, g).index_add(0, b, centred.square().sum(-1)) / counts
-        y = (centred * torch.rsqrt(var + self.eps)[b][:, :, None]).view(n, c)
-        if self.affine:
-            y = y * self.weight + self.bias
+        # rows are grouped by sample, so each sample is one torch group_norm on its [1, C, N_b] view
+        y = torch.cat([F.group_norm(feats[rows].t()[None], self.num_groups, self.weight, self.bias, self.eps)[0].t()
+                       for rows in x.layout if rows.stop > rows.start] or [feats])
         return x.replace(y.to(x.feats.dtype))

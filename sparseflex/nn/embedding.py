@@ -32,8 +32,8 @@ class AbsolutePositionEmbedder(nn.Module):
         self.channels = channels
 
     def forward(self, x: SparseTensor) -> torch.Tensor:
-        """``[N, channels]`` embedding of ``x.coords[:, 1:]`` (float32, cached on the coordinate set)."""
-        return x.cached(("pos_emb", self.channels), lambda: sincos_position_embedding(x.coords[:, 1:], self.channels))
+        """``[N, channels]`` float32 embedding of ``x.coords[:, 1:]``."""
+        return sincos_position_embedding(x.coords[:, 1:], self.channels)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -60,7 +60,7 @@ class TimestepEmbedder(nn.Module):
 
 
 def _broadcast(x, values: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``values [B, C]`` laid out like ``x``: per voxel for a SparseTensor, ``[B, 1, C]`` for ``[B, L, C]``."""
+    """Per-sample ``values [B, C]`` laid out like ``x``: per voxel for a SparseTensor, else ``[B, 1, C]``."""
     if isinstance(x, SparseTensor):
         return x.per_sample(values)
     return values[:, None]

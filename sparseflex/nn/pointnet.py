@@ -64,6 +64,6 @@ class LocalPointNet(nn.Module):
         net = self.fc_pos(point_feats)
         for i, block in enumerate(self.blocks):
             if i > 0:
-                net = torch.cat([net, self._pool(net, voxel_index, num_voxels)[voxel_index]], dim=1)
+                net = torch.cat([net, self._pool(net, voxel_index, num_voxels).index_select(0, voxel_index)], dim=1)
             net = block(net)
         return self._pool(self.fc_c(net), voxel_index, num_voxels)

@@ -1,4 +1,4 @@
-"""Changing resolution: subdivide (x2, copy), downsample (/factor, mean or max) and upsample back to cached fine voxels."""
+"""Changing resolution: subdivide (x2, copy), downsample (mean or max) and upsample back to cached fine voxels."""
 
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ def sparse_upsample(x: SparseTensor, factor: int = 2, target: SparseTensor | Non
         if fine is None:
             raise InputError(f"no cached fine voxels for upsampling by {factor}: pass target=")
         coords, cache, parent_of = fine
-        return SparseTensor(coords, x.feats[parent_of], cache=cache)
+        return SparseTensor(coords, x.feats.index_select(0, parent_of), cache=cache)
     parents = target.coords.clone()
     parents[:, 1:] = torch.div(parents[:, 1:], factor, rounding_mode="floor")
     parent_of = x.hash.lookup(parents)
     if bool((parent_of < 0).any()):
         raise InputError(f"{int((parent_of < 0).sum())} target voxels have no parent in the coarse tensor")
-    return target.replace(x.feats[parent_of])
+    return target.replace(x.feats.index_select(0, parent_of))

@@ -131,7 +131,7 @@ class SparseTensor:
         """Broadcast per-sample rows ``values [B, ...]`` to every voxel: ``[N, ...]``."""
         if len(values) != self.batch_size:
             raise InputError(f"expected {self.batch_size} per-sample rows; got {len(values)}")
-        return values[self.batch_index]
+        return values.index_select(0, self.batch_index)
 
     def split(self) -> list[torch.Tensor]:
         """Features of each sample."""
