@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/sparseflex fit examples/demo.obj -o out/demo --resolution 128 --iterations 300 --overwrite
+	$(BIN)/sparseflex fit examples/demo.obj -o out/demo --resolution 128 --iterations 150 --overwrite
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

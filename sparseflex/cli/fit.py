@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (mesh.ply, metrics.json, pictures, checkpoint)")
     p.add_argument("--resolution", type=positive_int, default=256, help="final resolution, a power of two (default 256)")
     p.add_argument("--start-resolution", type=positive_int, default=0,
-                   help="first stage's resolution (default: resolution / 4)")
+                   help="first stage's resolution for coarse-to-fine fitting (default: the final resolution, one stage)")
     p.add_argument("--visibility-ratio", type=float, default=0.0,
                    help="fraction of voxels each step extracts and renders (default: 1 up to 256, 0.3 at 512, 0.1 at 1024)")
     p.add_argument("--iterations", type=int, default=600, help="optimisation steps over all stages (default 600)")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, OptionError
-from ..sparse.coords import dilate
+from ..sparse.coords import coords_to_keys, dilate, keys_to_coords
 from .mesh import as_vertices_faces
 
 _EPS = 1e-9       # voxel units
@@ -65,6 +65,30 @@ def voxelize(mesh, resolution: int, dilation: int = 0, chunk: int = 1 << 22) -> 
     if dilation > 0:
         coords = dilate(coords, dilation, resolution)[:, 1:]
     return coords
+
+
+def jittered_voxels(points: torch.Tensor, resolution: int, jitter: float) -> torch.Tensor:
+    """Voxels ``[M, 3]`` (inside the grid) holding a point of some box ``p + [-jitter, jitter]^3`` (``jitter`` in
+    voxels); for ``jitter < 1`` a box spans at most 2 voxels per axis, so 8 candidates per point cover it."""
+    if not 0 <= jitter < 1:
+        raise OptionError(f"jitter must be in [0, 1) voxels; got {jitter}")
+    u = (points.detach().double() + 0.5) * resolution
+    lo, hi = (u - jitter).floor().long(), (u + jitter).floor().long()
+    keys = []
+    for corner in range(8):
+        pick = torch.tensor([(corner >> a) & 1 for a in range(3)], dtype=torch.bool, device=u.device)
+        keys.append(coords_to_keys(torch.where(pick, hi, lo)))
+    coords = keys_to_coords(torch.unique(torch.cat(keys)))[:, 1:]
+    return coords[((coords >= 0) & (coords < resolution)).all(1)]
+
+
+def active_voxels(mesh, points: torch.Tensor, resolution: int, jitter: float) -> torch.Tensor:
+    """The VAE's input voxels ``[N, 3]`` (SPEC section 4, sorted): those the triangles of ``mesh`` touch (when given)
+    plus :func:`jittered_voxels` of the surface ``points``. Data preparation and inference share this definition."""
+    coords = jittered_voxels(points, resolution, jitter)
+    if mesh is not None:
+        coords = torch.cat([voxelize(mesh, resolution).to(coords.device), coords])
+    return keys_to_coords(torch.unique(coords_to_keys(coords)))[:, 1:]
 
 
 def _unique(keys: torch.Tensor) -> torch.Tensor:

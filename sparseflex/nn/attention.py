@@ -109,7 +109,7 @@ class _SelfAttention(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         n = len(x)
         # the fused projection is laid out [3, heads, head_dim] along channels (the TripoSF checkpoint layout)
-        qkv = self.to_qkv(x.feats).view(n, 3, self.num_heads, -1)
+        qkv = self.to_qkv(x.feats).view(n, 3, self.num_heads, self.channels // self.num_heads)
         out = self._plan(x).attend_packed(qkv)
         return x.replace(self.to_out(out.reshape(n, self.channels)))
 
@@ -153,7 +153,7 @@ class SparseCrossAttention(nn.Module):
         if context.dim() != 3 or len(context) != x.batch_size:
             raise InputError(f"context must be [{x.batch_size}, L, C]; got {tuple(context.shape)}")
         h = self.num_heads
-        q = self.to_q(x.feats).view(len(x), h, -1)
+        q = self.to_q(x.feats).view(len(x), h, self.channels // h)
         kv = self.to_kv(context).view(*context.shape[:2], 2, h, -1)
         outs = []
         for b, rows in enumerate(x.layout):

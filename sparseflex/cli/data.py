@@ -1,0 +1,79 @@
+"""`sparseflex data prepare|stats`: turn a folder of meshes into training items; summarise a prepared folder."""
+
+from __future__ import annotations
+
+import os
+
+from .common import positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data from a folder of meshes, or summarise it",
+                       description=__doc__)
+    cmd = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    from ..data.prepare import PrepareConfig
+    d = PrepareConfig()
+    q = cmd.add_parser("prepare", help="prepare every mesh of a folder (resumable, shardable)",
+                       description="Per mesh: normalise, sample points with normals, latent voxels, occupancy per "
+                                   "level, conditioning renders; one .npz per item plus manifest.jsonl and "
+                                   "failures.json. Re-running skips finished items; shards write their own part "
+                                   "of the manifest and every run merges all parts it finds.")
+    q.add_argument("input_dir", help="folder searched recursively for OBJ, PLY, STL, OFF, GLB, GLTF files")
+    q.add_argument("out_dir", help="output folder (created; an earlier run's folder is resumed)")
+    q.add_argument("--shard", default="0/1", help="I/N: prepare only files I, I+N, I+2N, ... of the sorted list")
+    q.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                   help="worker processes (default: one per CPU; 0 = in this process, no timeout)")
+    q.add_argument("--points", type=positive_int, default=d.points, help=f"surface points (default {d.points:,})")
+    q.add_argument("--resolution", type=positive_int, default=d.resolution,
+                   help=f"latent voxel resolution R (default {d.resolution})")
+    q.add_argument("--levels", type=int, default=d.levels, help=f"occupancy levels 2R, 4R, ... (default {d.levels})")
+    q.add_argument("--views", type=int, default=d.views, help=f"conditioning renders (default {d.views}, 0: none)")
+    q.add_argument("--image-size", type=positive_int, default=d.image_size,
+                   help=f"render size in pixels (default {d.image_size})")
+    q.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"share of items in the validation split (default {d.val_fraction})")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per mesh (default 600)")
+    q.add_argument("--retry-failed", action="store_true", help="try again the meshes an earlier run failed on")
+    q.set_defaults(func=run_prepare)
+
+    s = cmd.add_parser("stats", help="print a summary table and write a contact sheet of a prepared folder")
+    s.add_argument("out_dir", help="a folder written by `sparseflex data prepare`")
+    s.add_argument("--sheet", default=None, help="contact sheet PNG (default OUT_DIR/contact_sheet.png)")
+    s.add_argument("--max-items", type=positive_int, default=64, help="items on the contact sheet (default 64)")
+    s.set_defaults(func=run_stats)
+
+
+def run_prepare(args) -> int:
+    from ..data.prepare import PrepareConfig, parse_shard, prepare_dataset
+    from ..errors import check_range
+
+    check_range("--workers", args.workers, 0)
+    config = PrepareConfig(points=args.points, resolution=args.resolution, levels=args.levels, views=args.views,
+                           image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction)
+    prepare_dataset(args.input_dir, args.out_dir, config, shard=parse_shard(args.shard), workers=args.workers,
+                    timeout=args.timeout, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def run_stats(args) -> int:
+    from pathlib import Path
+
+    from ..data import manifest
+    from ..data.prepare import read_config
+    from ..data.report import contact_sheet
+
+    config = read_config(args.out_dir)
+    ok, failed = manifest.merge(Path(args.out_dir), config.val_fraction, config.seed)
+    rows = [("settings", f"points {config.points:,}, latent {config.resolution}^3, occupancy "
+                         f"{', '.join(f'{r}^3' for r in config.occupancy_resolutions) or 'none'}, "
+                         f"{config.views} views of {config.image_size} px")] + manifest.summarize(ok, failed)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if ok:
+        sheet = Path(args.sheet) if args.sheet else Path(args.out_dir) / "contact_sheet.png"
+        contact_sheet(args.out_dir, ok, sheet, max_items=args.max_items)
+        print(f"contact sheet: {sheet}")
+    return 0

@@ -1,0 +1,210 @@
+"""The SparseFlex VAE (SPEC section 4): surface points -> 8-channel sparse latent -> 53-channel SparseFlex head.
+
+Encoder: local PointNet per latent voxel -> linear -> + sinusoidal positions -> shifted-window sparse transformer ->
+LayerNorm -> zero-initialised linear = mean and log-variance. Decoder: linear -> + positions -> sparse transformer ->
+self-pruning upsampling modules -> zero-initialised head. Parameter names equal the TripoSF release's, so its
+checkpoint loads as it is (:meth:`SparseFlexVAE.from_triposf`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..flexicubes.representation import HEAD_CHANNELS, SparseFlex
+from ..nn import (AbsolutePositionEmbedder, LocalPointNet, SparseLayerNorm, SparseTensor, SparseTransformerBlock,
+                  local_point_features)
+from ..sparse.coords import VoxelHash, batched
+from .configs import VAEConfig, get_config
+from .upsample import SelfPruningUpsample, zero_init
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclass
+class PruneOutput:
+    """One upsampling level: every candidate child ``coords [M, 4]``, its occupancy ``logits [M]``, at
+    ``resolution`` (the target of the pruning BCE)."""
+    coords: torch.Tensor
+    logits: torch.Tensor
+    resolution: int
+
+
+@dataclass
+class VAEDecoding:
+    """Decoder output: voxels ``coords [N, 4]`` at ``resolution`` (rows sorted by batch), their ``head [N, 53]``
+    (SPEC section 1 layout) and the pruning levels (empty after chunked decoding)."""
+    coords: torch.Tensor
+    head: torch.Tensor
+    resolution: int
+    prune: list[PruneOutput]
+    batch_size: int
+
+    def rows(self, i: int) -> slice:
+        """Rows of batch item ``i``."""
+        b = self.coords[:, 0].contiguous()
+        ends = torch.searchsorted(b, torch.tensor([i, i + 1], device=b.device)).tolist()
+        return slice(ends[0], ends[1])
+
+    def sparseflex(self, i: int = 0) -> SparseFlex:
+        """The SparseFlex of batch item ``i`` (differentiable in the head)."""
+        rows = self.rows(i)
+        coords = self.coords[rows].clone()
+        coords[:, 0] = 0
+        return SparseFlex.from_head(coords, self.resolution, self.head[rows])
+
+
+def kl_divergence(mean: SparseTensor, logvar: SparseTensor) -> torch.Tensor:
+    """KL of the per-voxel diagonal Gaussians to N(0, I), summed over channels, averaged over voxels."""
+    m, lv = mean.feats, logvar.feats
+    return 0.5 * (m * m + lv.exp() - 1 - lv).sum(1).mean()
+
+
+def pruning_bce(prune: list[PruneOutput], occupancy: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over levels of the BCE between each candidate child's logit and whether the ground truth occupies it."""
+    losses = []
+    for level, occ in zip(prune, occupancy):
+        target = (VoxelHash(batched(occ.to(level.coords.device))).lookup(level.coords) >= 0).to(level.logits.dtype)
+        losses.append(nn.functional.binary_cross_entropy_with_logits(level.logits, target))
+    return torch.stack(losses).mean()
+
+
+class _Trunk(nn.Module):
+    """``input_layer`` + sinusoidal positions, then transformer blocks with windows shifted in odd blocks."""
+
+    def __init__(self, in_channels: int, num_blocks: int, config: VAEConfig):
+        super().__init__()
+        c, w = config.model_channels, config.window_size
+        self.input_layer = nn.Linear(in_channels, c)
+        self.pos_embedder = AbsolutePositionEmbedder(c)
+        self.blocks = nn.ModuleList([
+            SparseTransformerBlock(c, config.num_heads, config.mlp_ratio, "window", w, shift=(w // 2) * (i % 2),
+                                   use_checkpoint=config.use_checkpoint)
+            for i in range(num_blocks)])
+
+    def trunk(self, x: SparseTensor) -> SparseTensor:
+        h = self.input_layer(x.feats)
+        h = x.replace(h + self.pos_embedder(x).to(h.dtype))
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+class SparseFlexEncoder(_Trunk):
+    """Per-voxel PointNet features -> (mean, logvar) of the latent, both ``SparseTensor`` on the same voxels."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__(config.pointnet_channels, config.encoder_blocks, config)
+        # F.layer_norm's default eps, as in the TRELLIS-derived release encoder (the blocks use 1e-6)
+        self.norm = SparseLayerNorm(config.model_channels, eps=1e-5, elementwise_affine=False)
+        self.out_layer = zero_init(nn.Linear(config.model_channels, 2 * config.latent_channels))
+
+    def forward(self, x: SparseTensor) -> tuple[SparseTensor, SparseTensor]:
+        out = self.out_layer(self.norm(self.trunk(x)).feats)
+        mean, logvar = out.chunk(2, dim=1)
+        return x.replace(mean), x.replace(logvar.clamp(*LOGVAR_RANGE))
+
+
+class SparseFlexDecoder(_Trunk):
+    """Latent -> transformer -> self-pruning upsampling -> 53-channel head per output voxel."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__(config.latent_channels, config.decoder_blocks, config)
+        chans = (config.model_channels, *config.upsample_channels)
+        self.upsample = nn.ModuleList([
+            SelfPruningUpsample(chans[i], chans[i + 1], config.norm_groups, config.use_checkpoint)
+            for i in range(len(config.upsample_channels))])
+        self.out_layer = zero_init(nn.Linear(chans[-1], HEAD_CHANNELS))
+
+    def forward(self, z: SparseTensor, resolution: int, occupancy: list[torch.Tensor] | None = None) -> VAEDecoding:
+        if occupancy is not None and len(occupancy) < len(self.upsample):
+            raise InputError(f"occupancy has {len(occupancy)} levels; the decoder needs {len(self.upsample)}")
+        h = self.trunk(z)
+        levels = []
+        for k, up in enumerate(self.upsample):
+            resolution *= 2
+            target = None if occupancy is None else batched(occupancy[k].to(h.device))
+            h, candidates, logits = up(h, target)
+            levels.append(PruneOutput(candidates, logits, resolution))
+        return VAEDecoding(h.coords, self.out_layer(h.feats), resolution, levels, z.batch_size)
+
+    @torch.no_grad()
+    def forward_chunked(self, z: SparseTensor, resolution: int, chunk_size: int) -> VAEDecoding:
+        """Inference decoding with the upsampling done ``chunk_size^3`` latent voxels at a time (same result as
+        :meth:`forward` without occupancy, up to rounding; memory follows the chunk, not the output)."""
+        h = self.trunk(z)
+        for k, up in enumerate(self.upsample):
+            last = k == len(self.upsample) - 1
+            h = up.forward_chunked(h, chunk_size * 2 ** k, post=self.out_layer if last else None)
+        return VAEDecoding(h.coords, h.feats, resolution * 2 ** len(self.upsample), [], z.batch_size)
+
+
+class SparseFlexVAE(nn.Module):
+    """The SparseFlex VAE; ``config`` is a :class:`VAEConfig` or a named config (``triposf``, ``small``, ``tiny``)."""
+
+    def __init__(self, config: VAEConfig | str):
+        super().__init__()
+        self.config = get_config(config) if isinstance(config, str) else config
+        c = self.config
+        self.local_pc_encoder = LocalPointNet(6, c.pointnet_hidden, c.pointnet_channels, c.pointnet_blocks,
+                                              c.pointnet_pool)
+        self.encoder = SparseFlexEncoder(c)
+        self.decoder = SparseFlexDecoder(c)
+
+    def encode(self, points: torch.Tensor, normals: torch.Tensor, point_batch: torch.Tensor, coords: torch.Tensor,
+               resolution: int | None = None) -> tuple[SparseTensor, SparseTensor]:
+        """Latent (mean, logvar) on the active voxels ``coords [N, 4]`` (batch, x, y, z; rows sorted by batch) at
+        ``resolution`` (default: the config's latent resolution) from surface ``points [P, 3]`` in the cube
+        [-0.5, 0.5]^3, unit ``normals [P, 3]`` and ``point_batch [P]``. Points outside the active voxels are ignored.
+        """
+        r = resolution or self.config.latent_resolution
+        coords = batched(coords)
+        if len(points) != len(normals) or len(points) != len(point_batch):
+            raise InputError(f"{len(points)} points, {len(normals)} normals and {len(point_batch)} batch indices")
+        vox = ((points.detach() + 0.5) * r).floor().long().clamp_(0, r - 1)
+        index = VoxelHash(coords).lookup(torch.cat([point_batch.long()[:, None], vox], dim=1))
+        inside = index >= 0
+        feats = local_point_features(points[inside], normals[inside], vox[inside], r)
+        voxel_feats = self.local_pc_encoder(feats, index[inside], len(coords))
+        return self.encoder(SparseTensor(coords, voxel_feats))
+
+    def decode(self, z: SparseTensor, occupancy: list[torch.Tensor] | None = None, resolution: int | None = None,
+               chunk_size: int | None = None) -> VAEDecoding:
+        """Decode a latent at ``resolution`` (default: the config's latent resolution).
+
+        ``occupancy`` (training) lists the ground-truth occupied voxels ``[M, 4]`` at each upsampled resolution: the
+        children kept are those (teacher forcing). Without it children with logit >= 0 are kept. ``chunk_size``
+        (inference only) upsamples that many latent voxels per axis at a time to bound memory.
+        """
+        r = resolution or self.config.latent_resolution
+        if chunk_size is not None:
+            if occupancy is not None:
+                raise InputError("chunked decoding is for inference; it takes no occupancy")
+            return self.decoder.forward_chunked(z, r, chunk_size)
+        return self.decoder(z, r, occupancy)
+
+    def forward(self, points, normals, point_batch, coords, occupancy=None, sample_posterior: bool = True,
+                resolution: int | None = None) -> tuple[VAEDecoding, SparseTensor, SparseTensor]:
+        """Encode, sample ``z = mean + exp(logvar / 2) * eps`` (or take the mean) and decode."""
+        mean, logvar = self.encode(points, normals, point_batch, coords, resolution)
+        z = mean
+        if sample_posterior:
+            z = mean + torch.exp(0.5 * logvar.feats) * torch.randn_like(mean.feats)
+        return self.decode(z, occupancy, resolution), mean, logvar
+
+    # -- checkpoints (see sparseflex.models.checkpoint) -----------------------------------------------------------
+    @classmethod
+    def from_triposf(cls, path: str | os.PathLike, device=None) -> "SparseFlexVAE":
+        """The public TripoSF VAE (``pretrained_TripoSFVAE_256i1024o.safetensors``) with every key and shape checked."""
+        from .checkpoint import load_model
+        return load_model(path, config="triposf", device=device)
+
+    def load_state(self, path: str | os.PathLike) -> "SparseFlexVAE":
+        """Load weights from a safetensors file or a training checkpoint (EMA weights when present), strictly."""
+        from .checkpoint import load_weights, read_checkpoint
+        load_weights(self, read_checkpoint(path).state, str(path))
+        return self

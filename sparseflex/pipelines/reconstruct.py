@@ -1,0 +1,153 @@
+"""Mesh -> latent -> SparseFlex -> mesh with a trained VAE: encode, decode (chunked at high resolution), reconstruct.
+
+A :class:`Latent` keeps the normalisation of the mesh it came from, so decoding returns a mesh in the input's
+coordinates; latents are saved as safetensors (``coords``, ``feats``, optional ``center``; resolution and scale in
+the metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.mesh import Mesh, Normalization, normalize
+from ..errors import InputError, OptionError
+from ..flexicubes.representation import SparseFlex
+from ..models.inputs import mesh_inputs
+from ..models.vae import SparseFlexVAE
+from ..nn import SparseTensor
+from ..sparse.coords import batched
+
+LATENT_FORMAT = "sparseflex-latent-1"
+
+
+@dataclass
+class Latent:
+    """A shape's latent: voxels ``coords [N, 3]`` at ``resolution`` with ``feats [N, C]``, and the normalisation
+    ``transform`` of its source mesh (``None``: the latent lives in the normalised cube)."""
+    coords: torch.Tensor
+    feats: torch.Tensor
+    resolution: int
+    transform: Normalization | None = None
+
+
+@dataclass
+class Reconstruction:
+    """Decoder result: the SparseFlex (normalised cube) and its extracted mesh (input coordinates when known)."""
+    sparseflex: SparseFlex
+    mesh: Mesh
+    latent: Latent | None = None
+    metrics: dict | None = None
+
+
+def default_num_points(resolution: int) -> int:
+    """Surface samples for a latent resolution: the release's 819,200 at 256, scaled with the surface voxel count."""
+    return max(20_000, int(819_200 * (resolution / 256) ** 2))
+
+
+def _device(model: SparseFlexVAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_mesh(model: SparseFlexVAE, mesh: Mesh, num_points: int | None = None, seed: int = 0,
+                resolution: int | None = None) -> Latent:
+    """The latent mean of ``mesh`` (any coordinates; normalised here) at ``resolution`` (default: the config's)."""
+    r = resolution or model.config.latent_resolution
+    normed, transform = normalize(mesh)
+    inp = mesh_inputs(normed, r, num_points or default_num_points(r), seed,
+                      jitter=1.0 / model.config.upsample_factor)  # about one voxel of the output resolution
+    dev = _device(model)
+    mean, _ = model.encode(inp.points.to(dev), inp.normals.to(dev), inp.point_batch.to(dev), inp.coords.to(dev), r)
+    return Latent(mean.coords[:, 1:], mean.feats, r, transform)
+
+
+@torch.no_grad()
+def decode_latent(model: SparseFlexVAE, latent: Latent, chunk_size: int | None = None) -> Reconstruction:
+    """Decode to a SparseFlex and extract its mesh. ``chunk_size`` (latent voxels per axis) bounds the memory of the
+    upsampling at high resolution; the result equals unchunked decoding up to rounding."""
+    c = model.config.latent_channels
+    if latent.feats.dim() != 2 or latent.feats.shape[1] != c or len(latent.feats) != len(latent.coords):
+        raise InputError(f"latent features {tuple(latent.feats.shape)} do not fit this model ({c} channels per voxel)")
+    if len(latent.coords) == 0:
+        raise InputError("the latent has no voxels: nothing to decode")
+    if chunk_size is not None and chunk_size < 2:
+        raise OptionError(f"chunk size must be at least 2 latent voxels; got {chunk_size}")
+    dev = _device(model)
+    z = SparseTensor(batched(latent.coords.to(dev)), latent.feats.to(dev, torch.float32), 1)
+    if chunk_size is not None and chunk_size >= latent.resolution:
+        chunk_size = None  # one chunk: plain decoding is the same and faster
+    decoding = model.decode(z, resolution=latent.resolution, chunk_size=chunk_size)
+    sf = decoding.sparseflex(0)
+    ex = sf.extract()
+    vertices = ex.vertices if latent.transform is None else latent.transform.invert(ex.vertices)
+    return Reconstruction(sf, Mesh(vertices.detach(), ex.faces), latent)
+
+
+def reconstruct(model: SparseFlexVAE, mesh: Mesh, num_points: int | None = None, seed: int = 0,
+                resolution: int | None = None, chunk_size: int | None = None, metrics: bool = True,
+                metrics_points: int = 300_000) -> Reconstruction:
+    """Encode and decode ``mesh``; with ``metrics``, the result's Chamfer / F-score / normal consistency against it
+    (:func:`sparseflex.eval.metrics.mesh_metrics`)."""
+    latent = encode_mesh(model, mesh, num_points, seed, resolution)
+    result = decode_latent(model, latent, chunk_size)
+    if metrics:
+        from ..eval.metrics import mesh_metrics
+        result.metrics = mesh_metrics(result.mesh, mesh, num_points=metrics_points, seed=seed)
+    return result
+
+
+# -- latent files ------------------------------------------------------------------------------------------------------
+
+def save_latent(path: str | os.PathLike, latent: Latent) -> Path:
+    """Write a latent as safetensors, atomically."""
+    from safetensors.torch import save_file
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"coords": latent.coords.detach().cpu().long().contiguous(),
+               "feats": latent.feats.detach().cpu().float().contiguous()}
+    metadata = {"format": LATENT_FORMAT, "resolution": str(latent.resolution)}
+    if latent.transform is not None:
+        tensors["center"] = latent.transform.center.detach().cpu().double().reshape(3)
+        metadata["scale"] = json.dumps(latent.transform.scale)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def load_latent(path: str | os.PathLike) -> Latent:
+    """Read a latent written by :func:`save_latent` (one-line InputError for anything else)."""
+    from safetensors import safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such latent file")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - the file cannot be used, whatever the reason
+        raise InputError(f"{p}: not a readable latent file ({exc})".splitlines()[0]) from None
+    if metadata.get("format") != LATENT_FORMAT or "coords" not in tensors or "feats" not in tensors:
+        raise InputError(f"{p}: not a SparseFlex latent (written by `sparseflex encode`)")
+    coords, feats = tensors["coords"], tensors["feats"]
+    r = int(metadata.get("resolution", 0))
+    if coords.dim() != 2 or coords.shape[1] != 3 or len(coords) != len(feats) or r < 1:
+        raise InputError(f"{p}: malformed latent (coords {tuple(coords.shape)}, feats {tuple(feats.shape)})")
+    if len(coords) and (int(coords.min()) < 0 or int(coords.max()) >= r):
+        raise InputError(f"{p}: latent voxel coordinates outside [0, {r})")
+    transform = None
+    if "center" in tensors:
+        transform = Normalization(tensors["center"].float(), float(json.loads(metadata["scale"])))
+    return Latent(coords, feats, r, transform)
