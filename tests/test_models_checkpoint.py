@@ -17,12 +17,7 @@ from sparseflex.sparse import dense_grid
 KEYS_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "triposf_vae_keys.tsv"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_state(model, seed=0):

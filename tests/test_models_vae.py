@@ -18,12 +18,7 @@ KEYS_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tri
 R = 8  # latent resolution of the tests (tiny config: output 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def published_keys():

@@ -11,14 +11,7 @@ from sparseflex.nn import (SparseCrossAttention, SparseFullSelfAttention, Sparse
 from sparseflex.sparse import dense_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
-    # thousands of small ops of a gradcheck into minutes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sparse(batch, res, density, channels, dtype=torch.float64):

@@ -13,14 +13,7 @@ from sparseflex.nn import (ModulatedSparseTransformerCrossBlock, SparseConv3d, S
 from sparseflex.sparse import dense_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second thread only adds wake-up latency, which on an oversubscribed machine can turn the
-    # thousands of small ops of a gradcheck into minutes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "triposf_vae_keys.tsv"

@@ -15,12 +15,7 @@ from sparseflex.pipelines import decode_latent, encode_mesh, load_latent, recons
 OFFSET = torch.tensor([10.0, 0.0, -4.0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

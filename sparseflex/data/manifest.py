@@ -20,34 +20,17 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
+
+from ..io import write_atomic
 
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.json"
 PARTS = "parts"
 ITEMS = "items"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def stable_unit(text: str) -> float:
     """A number in [0, 1) fixed by ``text`` alone (same on every machine and Python run)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0 ** 64
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def part_path(root: Path, shard: int, num_shards: int) -> Path:

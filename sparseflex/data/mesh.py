@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, OptionError
+from ..io import atomic_path
 
 #: Extensions :func:`load_mesh` reads (through trimesh).
 LOAD_FORMATS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
@@ -162,16 +162,8 @@ def save_mesh(path: str | os.PathLike, mesh) -> Path:
     vertices, faces = as_vertices_faces(mesh)
     v = vertices.detach().cpu().numpy().astype(np.float32)
     f = faces.cpu().numpy().astype(np.int64)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            (_write_ply if ext == ".ply" else _write_obj)(out, v, f)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(p) as tmp, open(tmp, "wb") as out:
+        (_write_ply if ext == ".ply" else _write_obj)(out, v, f)
     return p
 
 

@@ -13,7 +13,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from ..data.sampling import sample_surface
 from ..errors import OptionError, SparseFlexError, check_range
 from ..flexicubes.regularizers import sdf_sign_loss, weight_l1
 from ..flexicubes.representation import SparseFlex
+from ..io import atomic_path
 from ..losses import RenderLossWeights, render_loss
 from ..render.frustum import section
 from ..render.maps import render
@@ -240,10 +240,8 @@ def save_checkpoint(path: str | os.PathLike, state: FitState, config: FitConfig)
         "stage": state.stage, "step": state.step, "history": state.history, "timing": state.timing,
         "optimizer": state.optimizer_state, "rng": state.rng_state,
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> tuple[FitState, FitConfig]:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ..data.mesh import Mesh
+from ..io import atomic_path
 from ..render.camera import cat_cameras, interior_views, sphere_views
 from ..render.images import image_grid, normal_to_rgb, save_png
 from ..render.maps import render
@@ -64,8 +65,7 @@ def loss_curve(history: list, path: str | os.PathLike, title: str = "fit loss"):
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..io import atomic_path
 from .configs import VAEConfig, get_config
 from .vae import SparseFlexVAE
 
@@ -138,13 +138,6 @@ def save_weights(model: SparseFlexVAE, path: str | os.PathLike) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": WEIGHTS_FORMAT, "config": json.dumps(model.config.to_dict())}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return p

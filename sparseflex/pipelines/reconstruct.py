@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from ..data.mesh import Mesh, Normalization, normalize
 from ..errors import InputError, OptionError
 from ..flexicubes.representation import SparseFlex
+from ..io import atomic_path
 from ..models.inputs import mesh_inputs
 from ..models.vae import SparseFlexVAE
 from ..nn import SparseTensor
@@ -115,15 +115,8 @@ def save_latent(path: str | os.PathLike, latent: Latent) -> Path:
     if latent.transform is not None:
         tensors["center"] = latent.transform.center.detach().cpu().double().reshape(3)
         metadata["scale"] = json.dumps(latent.transform.scale)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return p
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..io import atomic_path
+
 
 def normal_to_rgb(normal: torch.Tensor, mask: torch.Tensor | None = None, background: float = 1.0) -> np.ndarray:
     """``[H, W, 3]`` normals in [-1, 1] -> uint8 RGB ((n + 1) / 2), background white where ``mask`` is 0."""
@@ -54,7 +56,6 @@ def image_grid(rows: list[list[np.ndarray]], row_labels: list[str] | None = None
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save atomically (temporary file + rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
     return path
