@@ -1,6 +1,6 @@
 """Sparse vs dense FlexiCubes extraction: forward + backward time and peak memory on a real mesh.
 
-Every configuration is built in one process and extracted in another, so the peak resident memory (ru_maxrss) printed
+Every configuration is built in one process and extracted in another, so the peak resident memory (VmHWM) printed
 is the extraction's own (forward + backward, plus the corner lattice and the Python/torch baseline of ~0.3 GB). Dense FlexiCubes is
 the same extraction code with every voxel of the R^3 grid active; the sparse one holds the surface band that
 `sparseflex convert` builds. Both use the same corner SDF (nearest oriented surface sample), so they extract the
@@ -13,42 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sparseflex.eval.resources import peak_memory_bytes
+
 DEFAULT_MESH = Path(__file__).resolve().parents[2] / "shared/data/meshes/closed/ddg_kitten.obj"
-
-
-def densify(sf):
-    """The same field on every voxel of the grid: band corners keep their SDF; every other corner takes the sign of
-    the band corners bordering its connected region (flood fill), a few voxels away from zero."""
-    import numpy as np
-    import torch
-    from scipy import ndimage
-
-    from sparseflex.flexicubes.representation import SparseFlex
-    from sparseflex.sparse.coords import dense_grid
-
-    r = sf.resolution
-    lo = int(sf.corners[:, 1:].min())
-    n = max(r + 1, int(sf.corners[:, 1:].max()) + 1) - lo  # the band may step one voxel outside [0, R]
-    grid = np.full((n, n, n), np.nan, dtype=np.float32)
-    c = (sf.corners[:, 1:] - lo).numpy()
-    grid[c[:, 0], c[:, 1], c[:, 2]] = sf.sdf.detach().numpy()
-    unknown = np.isnan(grid)
-    labels, count = ndimage.label(unknown)
-    border = ndimage.binary_dilation(unknown) & ~unknown
-    near_label = ndimage.grey_dilation(labels, size=3) * border
-    sums = np.bincount(near_label[border], weights=np.sign(grid[border]), minlength=count + 1)
-    sign = np.where(sums >= 0, 1.0, -1.0).astype(np.float32)
-    grid[unknown] = sign[labels[unknown]] * 3.0 / r
-    dense = SparseFlex.from_sdf(dense_grid(n - 1) + torch.tensor([0, lo, lo, lo]), r,
-                                lambda p: torch.from_numpy(grid.reshape(-1)))
-    return dense
 
 
 def build(mesh_path: str, resolution: int, mode: str, path: str) -> dict:
@@ -56,6 +29,7 @@ def build(mesh_path: str, resolution: int, mode: str, path: str) -> dict:
     import torch
 
     from sparseflex.data.mesh import load_mesh, normalize
+    from sparseflex.fit.baselines import densify
     from sparseflex.fit.convert import mesh_to_sparseflex
 
     mesh, _ = normalize(load_mesh(mesh_path))
@@ -90,7 +64,7 @@ def measure(path: str) -> dict:
     t3 = time.perf_counter()
     return {"voxels": n, "faces": len(ex.faces), "lattice_s": round(t1 - t0, 2), "forward_s": round(t2 - t1, 2),
             "backward_s": round(t3 - t2, 2),
-            "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+            "peak_gb": round(peak_memory_bytes() / 1e9, 2)}
 
 
 def _child(args: list[str]) -> dict:

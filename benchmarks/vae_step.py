@@ -3,7 +3,7 @@
 The input is a real mesh (normalised; surface samples with normals, active latent voxels as in training) and the
 decoder is teacher-forced with the voxels the surface touches at each upsampled resolution, so the voxel counts are
 those of training. The loss is a stand-in (head L2 + pruning BCE + KL): the rendering loss is timed elsewhere.
-Each measurement runs in its own process, so the peak resident memory (ru_maxrss, minus the process's footprint
+Each measurement runs in its own process, so the peak resident memory (VmHWM, minus the process's footprint
 before the step) belongs to that step alone.
 
 A second table (``--decode``) times inference decoding of the same latents whole and in chunks (``--chunk``
@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from sparseflex.eval.resources import peak_memory_bytes
+
 DEFAULT_MESH = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes" / "closed" / "ddg_kitten.obj"
 
 
 def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    return peak_memory_bytes() / 1e9
 
 
 def measure(mesh_path: str, config: str, resolution: int, checkpointing: bool, repeat: int) -> dict:

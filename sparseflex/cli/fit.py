@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,19 +34,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def peak_memory_gb(device) -> float:
-    import torch
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
 def run(args) -> int:
     import torch
     from tqdm import tqdm
 
     from ..data.mesh import Mesh, load_mesh, normalize, save_mesh
     from ..eval.metrics import mesh_metrics
+    from ..eval.resources import peak_memory_bytes
     from ..fit.fitter import FitConfig, Fitter, load_checkpoint, save_checkpoint
     from ..fit.report import comparison_image, loss_curve
 
@@ -106,7 +99,7 @@ def run(args) -> int:
         "input": str(args.input), "resolution": sf.resolution, "stages": config.stages(),
         "iterations": config.iterations, "visibility_ratio": config.ratio(sf.resolution),
         "voxels": sf.num_voxels, "vertices": len(result.vertices), "faces": len(result.faces),
-        "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak_memory_gb(args.device), 2),
+        "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak_memory_bytes(args.device) / 1e9, 2),
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
         "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
     }

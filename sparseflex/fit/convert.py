@@ -39,11 +39,18 @@ def surface_band(mesh: Mesh, resolution: int, points: torch.Tensor, normals: tor
 
 
 def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_points: int | None = None,
-                       seed: int = 0, max_lateral: float = 0.75) -> SparseFlex:
-    """SparseFlex of a NORMALISED mesh: the :func:`surface_band` voxels, corner SDF from oriented points."""
-    if num_points is None:  # size the sample to the voxel count, estimated from the surface area
-        num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
-    gen = torch.Generator().manual_seed(seed)
-    points, normals, _ = sample_surface(mesh, num_points, generator=gen)
+                       seed: int = 0, max_lateral: float = 0.75,
+                       samples: tuple[torch.Tensor, torch.Tensor] | None = None) -> SparseFlex:
+    """SparseFlex of a NORMALISED mesh: the :func:`surface_band` voxels, corner SDF from oriented points.
+
+    ``samples`` (points, normals) reuses a surface sample already drawn; otherwise ``num_points`` are drawn (by
+    default enough for the resolution)."""
+    if samples is not None:
+        points, normals = samples
+    else:
+        if num_points is None:  # size the sample to the voxel count, estimated from the surface area
+            num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
+        gen = torch.Generator().manual_seed(seed)
+        points, normals, _ = sample_surface(mesh, num_points, generator=gen)
     coords = surface_band(mesh, resolution, points, normals, dilation, max_lateral)
     return SparseFlex.from_sdf(coords, resolution, lambda pos: oriented_point_sdf(pos, points, normals))

@@ -141,9 +141,10 @@ class Fitter:
         self.points, self.normals, _ = sample_surface(self.gt, n_points, generator=gen)
         self.sampler = ViewSampler(self.points, self.normals, config.image_size, config.views, gen)
         if state is None:
-            sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin, seed=config.seed)
+            sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin,
+                                    samples=(self.points, self.normals))
             state = FitState(sf)
-        else:
+        elif state.rng_state is not None:  # resuming: continue the camera sequence where it stopped
             self.sampler.generator.set_state(state.rng_state)
         self.state = state
         self.sampler.resolution = state.sf.resolution
