@@ -82,13 +82,13 @@ def test_training_checkpoint_prefers_ema_weights(tmp_path):
     model = SparseFlexVAE("small")
     raw, ema = random_state(model, 1), random_state(model, 2)
     path = tmp_path / "train.pt"
-    torch.save({"format": "sparseflex-train-1", "config": model.config.to_dict(), "model": raw, "ema": ema,
+    torch.save({"format": "sparseflex-train-1", "model_config": model.config.to_dict(), "model": raw, "ema": ema,
                 "step": 10}, path)
     loaded = load_model(path)
     assert loaded.config == get_config("small")
     assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
     # without EMA, the model weights; a DistributedDataParallel prefix is dropped
-    torch.save({"format": "sparseflex-train-1", "config": model.config.to_dict(),
+    torch.save({"format": "sparseflex-train-1", "model_config": model.config.to_dict(),
                 "model": {f"module.{k}": v for k, v in raw.items()}}, path)
     assert all(torch.equal(v, raw[k]) for k, v in load_model(path).state_dict().items())
 

@@ -47,7 +47,7 @@ def files(tmp_path):
     mesh_path = save_mesh(tmp_path / "sphere.obj", mesh)
     model = random_tiny()
     ckpt = tmp_path / "train.pt"
-    torch.save({"format": "sparseflex-train-1", "config": model.config.to_dict(), "model": model.state_dict(),
+    torch.save({"format": "sparseflex-train-1", "model_config": model.config.to_dict(), "model": model.state_dict(),
                 "ema": model.state_dict(), "step": 1}, ckpt)
     return mesh_path, ckpt, model
 

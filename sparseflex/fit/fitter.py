@@ -19,14 +19,12 @@ import torch
 from ..data.mesh import Mesh
 from ..data.sampling import sample_surface
 from ..errors import OptionError, SparseFlexError, check_range
-from ..flexicubes.regularizers import sdf_sign_loss, weight_l1
 from ..flexicubes.representation import SparseFlex
 from ..io import atomic_path
-from ..losses import RenderLossWeights, render_loss
-from ..render.frustum import section
-from ..render.maps import render
+from ..losses import RenderLossWeights
 from ..sparse.coords import VoxelHash
 from .convert import default_num_points, mesh_to_sparseflex, surface_band
+from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
 
 PARAMS = ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw")
@@ -118,7 +116,7 @@ def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Adam:
         {"params": [sf.sdf], "lr": config.lr_sdf / sf.resolution},
         {"params": [sf.deform], "lr": config.lr_deform},
         {"params": [sf.alpha_raw, sf.beta_raw, sf.gamma_raw], "lr": config.lr_weights},
-    ])
+    ], fused=True)  # one kernel per tensor: the update of millions of parameters is a large part of a step
 
 
 def refine(sf: SparseFlex, band: torch.Tensor, margin: int = 1) -> SparseFlex:
@@ -156,34 +154,17 @@ class Fitter:
     # -- one step -------------------------------------------------------------------------------------------------
     def step(self) -> tuple[str, float, dict]:
         cfg, sf, timing = self.config, self.state.sf, self.state.timing
-        t0 = time.perf_counter()
         kind, cam = self.sampler.sample()
         offset = float(torch.rand((), generator=self.sampler.generator))
-        cam, active = section(sf.voxel_centers().detach(), cam, cfg.ratio(sf.resolution), offset=offset)
-        sub = sf.select(active[0])
-        t1 = time.perf_counter()
-        ex = sub.extract(training=True)
-        t2 = time.perf_counter()
-        pred = render(ex.vertices, ex.faces, cam, backend=cfg.backend, allow_empty=True)
-        with torch.no_grad():
-            target = render(self.gt.vertices, self.gt.faces, cam, backend=cfg.backend, antialias_edges=True)
+        total, parts = sectional_render_loss(sf, self.gt, cam, cfg.ratio(sf.resolution), offset, cfg.loss,
+                                             cfg.dev_weight, cfg.sign_weight, cfg.weight_l1, cfg.backend, timing)
         t3 = time.perf_counter()
-        total, parts = render_loss(pred, target, cfg.loss)
-        if len(ex.faces):
-            parts["dev"] = cfg.dev_weight * ex.dev_loss
-        parts["sign"] = cfg.sign_weight * sdf_sign_loss(sub.sdf, ex.crossing_edges, scale=sf.resolution)
-        parts["l1"] = cfg.weight_l1 * weight_l1(sub.alpha_raw, sub.beta_raw, sub.gamma_raw)
-        total = sum(parts.values())
         self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:
             total.backward()
             self.optimizer.step()
-        t4 = time.perf_counter()
-        timing["other"] += t1 - t0
-        timing["extract"] += t2 - t1
-        timing["render"] += t3 - t2
-        timing["backward"] += t4 - t3
+        timing["backward"] += time.perf_counter() - t3
         return kind, float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
 
     def _set_learning_rate(self) -> None:

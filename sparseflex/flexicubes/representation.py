@@ -102,8 +102,12 @@ class SparseFlex:
         """The SparseFlex restricted to a subset of voxels (e.g. a camera's frustum section); differentiable."""
         idx = voxel_mask.nonzero().squeeze(1) if voxel_mask.dtype == torch.bool else voxel_mask
         vc = self.voxel_corners[idx]
-        used, inverse = torch.unique(vc.reshape(-1), return_inverse=True)
-        return replace(self, coords=self.coords[idx], corners=self.corners[used], voxel_corners=inverse.reshape(-1, 8),
+        # corners still in use, renumbered in order: a mask and a cumulative sum, no sort (this runs every step)
+        in_use = torch.zeros(len(self.corners), dtype=torch.bool, device=vc.device)
+        in_use[vc.reshape(-1)] = True
+        used = in_use.nonzero().squeeze(1)
+        renumber = torch.cumsum(in_use, 0) - 1
+        return replace(self, coords=self.coords[idx], corners=self.corners[used], voxel_corners=renumber[vc],
                        sdf=self.sdf[used], deform=self.deform[used], alpha_raw=self.alpha_raw[idx],
                        beta_raw=self.beta_raw[idx], gamma_raw=self.gamma_raw[idx], consistency=None)
 

@@ -19,7 +19,7 @@ from ..io import atomic_path
 from .configs import VAEConfig, get_config
 from .vae import SparseFlexVAE
 
-#: ``torch.save`` payload of the trainer: ``{"format", "config", "model", "ema", ...}``.
+#: ``torch.save`` payload of the trainer: ``{"format", "config" (training), "model_config", "model", "ema", ...}``.
 TRAIN_FORMAT = "sparseflex-train-1"
 #: safetensors metadata written by :func:`save_weights`.
 WEIGHTS_FORMAT = "sparseflex-vae-1"
@@ -61,7 +61,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     state = payload.get("ema") or payload.get("model")
     if not isinstance(state, dict):
         raise InputError(f"{p}: training checkpoint holds no model weights")
-    return Checkpoint(dict(state), payload.get("config"), "train")
+    return Checkpoint(dict(state), payload.get("model_config"), "train")
 
 
 def _read_safetensors(p: Path) -> Checkpoint:

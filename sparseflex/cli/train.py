@@ -1,0 +1,95 @@
+"""`sparseflex train vae --config C --data PREPARED_DIR -o RUN_DIR`: train the SparseFlex VAE by rendering losses.
+
+Multi-GPU / multi-node: launch with torchrun (``torchrun --nproc_per_node G -m sparseflex train vae ...``); the
+global ``--batch-size`` is split over the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import OptionError
+from .common import positive_int
+
+TASKS = ("vae",)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (the SparseFlex VAE) on a prepared dataset", description=__doc__)
+    p.add_argument("task", choices=TASKS, help="what to train")
+    p.add_argument("--config", default="tiny",
+                   help="preset name (tiny, small, triposf), JSON file or JSON text (default tiny)")
+    p.add_argument("--data", required=True, help="prepared dataset directory (sparseflex data prepare)")
+    p.add_argument("--split", default="train", choices=("train", "val", "all"), help="dataset split (default train)")
+    p.add_argument("-o", "--output", required=True, help="run directory: checkpoint.pt, metrics.jsonl, loss.png")
+    p.add_argument("--steps", type=positive_int, help="total optimisation steps")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (split over torchrun processes)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--image-size", type=positive_int, help="rendered image size in pixels")
+    p.add_argument("--views-per-item", type=positive_int, help="cameras per item and step")
+    p.add_argument("--visibility-ratio", type=float, help="fraction of voxels each view's frustum section keeps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any training config field, e.g. --set loss.kl=1e-5 (repeatable)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start again even if RUN_DIR holds a previous run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "image_size": "image_size",
+         "views_per_item": "views_per_item", "visibility_ratio": "visibility_ratio", "seed": "seed"}
+
+
+def run(args) -> int:
+    import torch
+
+    from ..train.config import TrainConfig, load_config
+    from ..train.trainer import Trainer, default_device, load_checkpoint
+    from ..train.vae_task import VAETask
+
+    out = Path(args.output)
+    ckpt = out / "checkpoint.pt"
+    if args.resume and args.overwrite:
+        raise OptionError("--resume and --overwrite exclude each other")
+    if args.resume and not ckpt.exists():
+        raise OptionError(f"--resume given but {ckpt} does not exist")
+    if not args.resume and not args.overwrite and out.exists() and any(out.iterdir()):
+        raise OptionError(f"{out} is not empty; pass --resume to continue the run there or --overwrite to start again")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise OptionError(f"data directory {data} does not exist")
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device {args.device} requested but CUDA is not available")
+
+    overrides = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in FLAGS.items()
+                 if getattr(args, flag) is not None]
+    if args.resume:  # the run's own config; only the number of steps may change
+        if args.set or any(getattr(args, flag) is not None for flag in FLAGS if flag != "steps"):
+            raise OptionError("with --resume only --steps may change; the run keeps its training config")
+        config = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+        config.steps = args.steps or config.steps
+    else:
+        config = load_config(args.config).override(overrides + list(args.set))
+        config.task = args.task
+
+    from ..data.dataset import PreparedDataset
+    dataset = PreparedDataset(data, split=args.split)
+    if len(dataset) == 0:
+        raise OptionError(f"{data} holds no items in split {args.split!r}")
+    trainer = Trainer(VAETask(config), dataset, config, out, device=device, resume=args.resume, quiet=args.quiet)
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        print(f"interrupted at step {trainer.step}; resume with: sparseflex train {args.task} --data {data} "
+              f"-o {out} --resume", file=sys.stderr)
+        return 130
+    if trainer.rank == 0:
+        last = (trainer.history() or [{}])[-1]
+        print(json.dumps({"run": str(out), "steps": trainer.step, "epochs": trainer.epoch,
+                          "loss": last.get("loss"), "checkpoint": str(ckpt)}, indent=2))
+    return 0
