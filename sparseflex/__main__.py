@@ -1,3 +1,5 @@
+"""``python -m sparseflex`` (what ``torchrun -m sparseflex ...`` runs): the ``sparseflex`` command."""
+
 import sys
 
 from .cli import main

@@ -18,6 +18,27 @@ def output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return p
 
 
+def run_folder(path: str | os.PathLike, resume: bool, overwrite: bool, what: str) -> Path:
+    """Check a resumable job's output folder (``checkpoint.pt`` inside) against --resume / --overwrite; never let a
+    new job silently mix with or replace a previous one. Returns the checkpoint path."""
+    out = Path(path)
+    ckpt = out / "checkpoint.pt"
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite exclude each other")
+    if resume and not ckpt.exists():
+        raise OptionError(f"--resume given but {ckpt} does not exist")
+    if not resume and not overwrite and out.exists() and any(out.iterdir()):
+        raise OptionError(f"{out} is not empty; pass --resume to continue the {what} there or --overwrite to start "
+                          "again")
+    return ckpt
+
+
+def check_device(device: str) -> None:
+    import torch
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"device {device} requested but CUDA is not available")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import OptionError
-from .common import positive_int
+from .common import check_device, positive_int, run_folder
 
 
 def register(sub) -> None:
@@ -45,15 +44,8 @@ def run(args) -> int:
     from ..fit.report import comparison_image, loss_curve
 
     out = Path(args.output)
-    ckpt = out / "checkpoint.pt"
-    if args.resume and args.overwrite:
-        raise OptionError("--resume and --overwrite exclude each other")
-    if args.resume and not ckpt.exists():
-        raise OptionError(f"--resume given but {ckpt} does not exist")
-    if not args.resume and not args.overwrite and out.exists() and any(out.iterdir()):
-        raise OptionError(f"{out} is not empty; pass --resume to continue a fit there or --overwrite to start again")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"device {args.device} requested but CUDA is not available")
+    ckpt = run_folder(out, args.resume, args.overwrite, "fit")
+    check_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()

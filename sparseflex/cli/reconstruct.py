@@ -11,7 +11,7 @@ import json
 import time
 
 from ..errors import OptionError, check_range
-from .common import add_overwrite, output_path, positive_int
+from .common import add_overwrite, check_device, output_path, positive_int
 
 
 def register(sub) -> None:
@@ -74,6 +74,7 @@ def _load(args):
 
     from ..models import get_config, load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     config = get_config(args.config) if args.config else None
     return load_model(args.checkpoint, config=config, device=device)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OptionError
-from .common import positive_int
+from .common import check_device, positive_int, run_folder
 
 TASKS = ("vae",)
 
@@ -52,19 +52,12 @@ def run(args) -> int:
     from ..train.vae_task import VAETask
 
     out = Path(args.output)
-    ckpt = out / "checkpoint.pt"
-    if args.resume and args.overwrite:
-        raise OptionError("--resume and --overwrite exclude each other")
-    if args.resume and not ckpt.exists():
-        raise OptionError(f"--resume given but {ckpt} does not exist")
-    if not args.resume and not args.overwrite and out.exists() and any(out.iterdir()):
-        raise OptionError(f"{out} is not empty; pass --resume to continue the run there or --overwrite to start again")
+    ckpt = run_folder(out, args.resume, args.overwrite, "run")
     data = Path(args.data)
     if not data.is_dir():
         raise OptionError(f"data directory {data} does not exist")
     device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {args.device} requested but CUDA is not available")
+    check_device(device)
 
     overrides = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in FLAGS.items()
                  if getattr(args, flag) is not None]
