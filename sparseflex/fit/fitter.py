@@ -42,9 +42,10 @@ class FitConfig:
     iterations: int = 600              # total over all stages
     visibility_ratio: float = 0.0      # 0: automatic (see default_visibility_ratio)
     image_size: int = 256
-    lr_sdf: float = 0.005              # in voxels per step
-    lr_deform: float = 0.0025
-    lr_weights: float = 0.0025
+    lr_sdf: float = 0.0025             # in voxels per step; Adam moves every seen corner by about this much, so
+                                       # larger rates add noise a converted start does not have
+    lr_deform: float = 0.00125
+    lr_weights: float = 0.00125
     lr_final: float = 0.1              # cosine decay within each stage to this fraction of the rate
     dev_weight: float = 0.5
     sign_weight: float = 0.01
