@@ -11,7 +11,7 @@ from ..flexicubes.regularizers import sdf_sign_loss, weight_l1
 from ..flexicubes.representation import SparseFlex
 from ..losses import RenderLossWeights, render_loss
 from ..render.camera import Camera
-from ..render.frustum import frustum_mask, section
+from ..render.frustum import section
 from ..render.maps import render
 
 
@@ -28,12 +28,9 @@ def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float
     """
     t0 = time.perf_counter()
     centres = sf.voxel_centers().detach()
-    cam, _ = section(centres, camera, ratio, offset=offset)
-    # A voxel whose centre lies just outside the near or far plane can hold surface inside them, which the ground
-    # truth shows: also take the voxels within half a voxel diagonal of the planes (the renderer clips at the planes).
-    h = 3 ** 0.5 / (2 * sf.resolution)
-    grown = cam.with_planes((cam.near - h).clamp(min=1e-4), cam.far + h)
-    sub = sf.select(frustum_mask(centres, grown)[0])
+    # voxels within half a voxel diagonal outside the planes can hold surface the ground truth shows inside them
+    cam, active = section(centres, camera, ratio, offset=offset, margin=3 ** 0.5 / (2 * sf.resolution))
+    sub = sf.select(active[0])
     t1 = time.perf_counter()
     ex = sub.extract(training=True)
     t2 = time.perf_counter()

@@ -86,12 +86,14 @@ def adaptive_planes(points: torch.Tensor, camera: Camera, ratio: float, offset=0
 
 
 def section(points: torch.Tensor, camera: Camera, ratio: float, offset=0.0,
-            min_near: float = 1e-3) -> tuple[Camera, torch.Tensor]:
+            min_near: float = 1e-3, margin: float = 0.0) -> tuple[Camera, torch.Tensor]:
     """Cameras with adaptive planes (see :func:`adaptive_planes`) and their active points ``[B, N]``.
 
     Extract and render only ``points[mask[b]]``'s voxels for view b, and render the ground truth with the returned
-    cameras too.
+    cameras too. ``margin`` also activates the points up to that far outside the near and far planes (the returned
+    cameras keep the tight planes): a voxel whose centre lies just outside a plane can hold surface inside it.
     """
     near, far = adaptive_planes(points, camera, ratio, offset, min_near)
     sectioned = camera.with_planes(near, far)
-    return sectioned, frustum_mask(points, sectioned)
+    selecting = camera.with_planes((near - margin).clamp(min=1e-4), far + margin) if margin else sectioned
+    return sectioned, frustum_mask(points, selecting)
