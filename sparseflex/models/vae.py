@@ -64,13 +64,15 @@ def kl_divergence(mean: SparseTensor, logvar: SparseTensor) -> torch.Tensor:
     return 0.5 * (m * m + lv.exp() - 1 - lv).sum(1).mean()
 
 
+def occupancy_bce(coords: torch.Tensor, logits: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
+    """BCE of candidate children's logits against the ground truth: a child is positive when it is in ``occupied``."""
+    target = (VoxelHash(batched(occupied.to(coords.device))).lookup(coords) >= 0).to(logits.dtype)
+    return nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
 def pruning_bce(prune: list[PruneOutput], occupancy: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over levels of the BCE between each candidate child's logit and whether the ground truth occupies it."""
-    losses = []
-    for level, occ in zip(prune, occupancy):
-        target = (VoxelHash(batched(occ.to(level.coords.device))).lookup(level.coords) >= 0).to(level.logits.dtype)
-        losses.append(nn.functional.binary_cross_entropy_with_logits(level.logits, target))
-    return torch.stack(losses).mean()
+    """Mean over levels of :func:`occupancy_bce`."""
+    return torch.stack([occupancy_bce(level.coords, level.logits, occ) for level, occ in zip(prune, occupancy)]).mean()
 
 
 class _Trunk(nn.Module):

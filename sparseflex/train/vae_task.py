@@ -12,7 +12,6 @@ whole batch would.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.mesh import Mesh
@@ -21,14 +20,8 @@ from ..fit.sectional import sectional_render_loss
 from ..fit.views import ViewSampler
 from ..flexicubes.init_sdf import oriented_point_sdf
 from ..flexicubes.representation import SparseFlex
-from ..sparse.coords import VoxelHash, dilate, downsample
+from ..sparse.coords import dilate, downsample
 from .config import TrainConfig
-
-
-def prune_bce(coords: torch.Tensor, logits: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
-    """BCE of candidate-child logits against the ground truth: a child is positive when it is in ``occupied``."""
-    target = (VoxelHash(occupied).lookup(coords) >= 0).to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def sdf_supervision(sf: SparseFlex, points: torch.Tensor, normals: torch.Tensor, truncation: float) -> torch.Tensor:
@@ -75,7 +68,7 @@ class VAETask:
         return collate(items)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from ..models.vae import kl_divergence
+        from ..models.vae import kl_divergence, occupancy_bce
         from ..nn import SparseTensor
 
         cfg, w = self.config, self.config.loss
@@ -105,7 +98,7 @@ class VAETask:
                 parts["kl"] = w.kl * kl_divergence(SparseTensor(mean.coords[rows], mean.feats[rows].float()),
                                                    SparseTensor(mean.coords[rows], logvar.feats[rows].float()))
                 if w.prune:
-                    bce = [prune_bce(p.coords[r], p.logits[r].float(), occupancy[level])
+                    bce = [occupancy_bce(p.coords[r], p.logits[r].float(), occupancy[level])
                            for level, p in enumerate(decoding.prune)
                            for r in [_rows(p.coords[:, 0], i)] if len(r)]
                     if bce:
