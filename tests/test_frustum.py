@@ -109,3 +109,23 @@ def test_bad_ratios_raise():
             adaptive_planes(pts, cam, bad)
     with pytest.raises(OptionError, match="offset"):
         adaptive_planes(pts, cam, 0.5, offset=2.0)
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "constant", "clustered"])
+def test_ranked_depths_equal_the_sorted_depths(kind):
+    """The sort-free order statistics of the adaptive planes against torch.sort / torch.searchsorted."""
+    from sparseflex.render.frustum import _Ranked
+    g = torch.Generator().manual_seed(0)
+    values = {"spread": torch.rand(50_000, generator=g) * 3 + 0.5,
+              "ties": (torch.rand(50_000, generator=g) * 40).round() / 10,    # 41 distinct values
+              "constant": torch.full((1000,), 1.25),
+              "clustered": torch.cat([torch.rand(49_990, generator=g) * 1e-6 + 1, torch.rand(10, generator=g) * 5])
+              }[kind]
+    ranked, ref = _Ranked(values), torch.sort(values).values
+    ranks = [0, 1, len(values) // 3, len(values) // 2, len(values) - 2, -1] + torch.randint(
+        len(values), (20,), generator=g).tolist()
+    for i in ranks:
+        assert ranked[i] == ref[i], i
+        value = ref[i]
+        assert ranked.searchsorted(value) == int(torch.searchsorted(ref, value))
+        assert ranked.searchsorted(value, right=True) == int(torch.searchsorted(ref, value, right=True))

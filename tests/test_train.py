@@ -2,6 +2,7 @@
 checkpoints are atomic, user errors are one line; the VAE task trains a tiny VAE on one shape."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -183,8 +184,26 @@ def test_ema_is_the_exponential_average():
     w0 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update(model)
+    ema.update(model, 100)  # past the warm-up: the decay is the configured 0.5
     torch.testing.assert_close(ema.state_dict()["weight"], w0 + 1.0)
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """A weight that jumps from 0 to 1 at the first step: after n updates the EMA is 1 - prod(d_k), with
+    d_k = min(decay, (1 + k) / (10 + k)); without the warm-up a 0.999 average would keep half of the zero
+    initialisation after 693 steps (what left a short CPU run with an empty decoder)."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for n in range(693):
+        ema.update(model, n)
+    prod = math.prod(min(0.999, (1 + k) / (10 + k)) for k in range(693))
+    got = ema.state_dict()["weight"].item()
+    assert got == pytest.approx(1 - prod, abs=1e-6)
+    assert got > 0.99 and 0.999 ** 693 > 0.49  # the fixed decay would have stayed near 0.5
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
