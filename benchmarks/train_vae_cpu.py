@@ -11,7 +11,8 @@
    the first steps so that it ends with the budget) into ``OUT/run`` (checkpoint.pt, metrics.jsonl, loss.png).
 3. Reconstructs every validation mesh with the EMA weights (``sparseflex.pipelines.reconstruct``) and converts it
    (``sparseflex.fit.convert``) at the same output resolution; prints CD (x10^4), F-score@0.001, F-score@0.01 and
-   normal consistency of both, point-to-surface protocol (README), and writes ``OUT/results.json``.
+   normal consistency of both, point-to-surface protocol (README), and writes ``OUT/results.json`` and one
+   ``OUT/MESH_compare.png`` per validation mesh (normal renders: ground truth, VAE, convert).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sparseflex.data.mesh import Mesh, load_mesh, normalize
 from sparseflex.data.prepare import PrepareConfig, prepare_dataset
 from sparseflex.eval.metrics import mesh_metrics
 from sparseflex.fit.convert import mesh_to_sparseflex
+from sparseflex.fit.report import comparison_image
 from sparseflex.pipelines.reconstruct import reconstruct
 from sparseflex.train.config import load_config
 from sparseflex.train.trainer import Trainer
@@ -46,6 +48,8 @@ def train(args, data: Path, run_dir: Path) -> Trainer:
          f"lr={args.lr}", "warmup_steps=50", f"steps={10 ** 7}"] + args.set)
     trainer = Trainer(VAETask(config), dataset, config, run_dir, device="cpu",
                       resume=(run_dir / "checkpoint.pt").exists())
+    if args.eval_only:
+        return trainer
     budget = args.minutes * 60
     start = time.monotonic()
     if trainer.step < CALIBRATION_STEPS:
@@ -77,6 +81,10 @@ def evaluate(args, data: Path, trainer: Trainer) -> list[dict]:
         ex = mesh_to_sparseflex(normed, out_res).extract()
         t_conv = time.perf_counter() - t0
         conv = mesh_metrics(Mesh(ex.vertices, ex.faces), normed, num_points=args.metrics_points, ceiling=False)
+        with torch.no_grad():
+            rec_ex = rec.sparseflex.extract()
+        comparison_image(normed, {"VAE": Mesh(rec_ex.vertices, rec_ex.faces), "convert": Mesh(ex.vertices, ex.faces)},
+                         Path(args.out) / f"{Path(record['source']).stem}_compare.png", size=192)
         rows.append({"name": record["name"], "resolution": out_res, "reconstruct": rec.metrics,
                      "reconstruct_seconds": t_rec, "convert": conv, "convert_seconds": t_conv})
         for label, m, sec in (("reconstruct", rec.metrics, t_rec), ("convert", conv, t_conv)):
@@ -102,6 +110,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=65_536, help="encoder input points at reconstruction")
     ap.add_argument("--chunk", type=int, default=None, help="chunked decoding side (default: whole)")
     ap.add_argument("--metrics-points", type=int, default=300_000)
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the run in OUT/run as it is (no training)")
     args = ap.parse_args()
 
     out = Path(args.out)

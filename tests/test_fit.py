@@ -72,6 +72,57 @@ def test_fit_beats_its_convert_initialisation_on_every_metric():
         assert after[key] > before[key], key
 
 
+def test_seen_voxels_follow_the_first_surface():
+    """Two parallel squares facing a camera on the z axis: the front square's voxels are seen, the back square's
+    are hidden where the front one covers them and seen beside it."""
+    from sparseflex.fit.sectional import seen_voxels
+    from sparseflex.render import render
+    from sparseflex.render.camera import Camera, intrinsics, look_at
+    front = trimesh.creation.box((0.4, 0.4, 0.01))
+    front.apply_translation((0, 0, 0.2))
+    back = trimesh.creation.box((0.9, 0.9, 0.01))
+    back.apply_translation((0, 0, -0.2))
+    mesh = Mesh.from_trimesh(trimesh.util.concatenate([front, back]))
+    cam = Camera(intrinsics(40.0, 64, 64)[None], look_at(torch.tensor([[0.0, 0.0, 2.0]]), torch.zeros(1, 3)),
+                 64, 64, 0.1, 10.0)
+    maps = render(mesh.vertices, mesh.faces, cam)
+    xy = torch.linspace(-0.4, 0.4, 9)
+    gx, gy = torch.meshgrid(xy, xy, indexing="ij")
+    plane = torch.stack([gx.ravel(), gy.ravel()], 1)
+    pts = torch.cat([torch.cat([plane, torch.full((81, 1), 0.2)], 1), torch.cat([plane, torch.full((81, 1), -0.2)], 1),
+                     torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.195]])])
+    seen = seen_voxels(pts, cam, maps, tolerance=0.02)
+    covered = (plane.abs() < 0.18).all(1)
+    assert seen[:81].all()                            # the front plane (its square and the air around it)
+    assert not seen[81:162][covered].any()            # the back plane behind the front square
+    assert seen[81:162][(plane.abs() > 0.22).any(1)].all()  # the back plane beside it
+    assert not seen[162] and seen[163]                # between the planes: hidden; on the front one: seen
+
+
+def test_regularisers_leave_hidden_surfaces_alone():
+    """An inner sphere no view sees gets no gradient from the FlexiCubes regularisers (nothing would oppose them,
+    and Adam would move it at its full rate); the outer one does."""
+    from sparseflex.fit.sectional import sectional_render_loss
+    from sparseflex.losses import RenderLossWeights
+    from sparseflex.render import sphere_views
+    outer = trimesh.creation.icosphere(3, radius=0.4)
+    inner = trimesh.creation.icosphere(3, radius=0.2)
+    gt = Mesh.from_trimesh(trimesh.util.concatenate([outer, inner]))
+    sf = mesh_to_sparseflex(gt, 32)
+    for name in ("alpha_raw", "beta_raw", "gamma_raw", "sdf", "deform"):
+        getattr(sf, name).requires_grad_(True)
+    no_render = RenderLossWeights(mask=0, depth=0, normal=0, ssim=0)
+    loss, parts = sectional_render_loss(sf, gt, sphere_views(1, radius=1.5, size=64), 1.0, 0.0, no_render,
+                                        dev=0.5, sign=0.01, l1=1e-3)
+    loss.backward()
+    radius = sf.voxel_centers().norm(dim=1)
+    grad = sf.alpha_raw.grad.abs().sum(1) + sf.beta_raw.grad.abs().sum(1) + sf.gamma_raw.grad.abs()
+    assert grad[radius < 0.3].abs().sum() == 0
+    assert grad[radius > 0.35].abs().sum() > 0
+    corner_radius = sf.corner_positions().detach().norm(dim=1)
+    assert sf.sdf.grad[corner_radius < 0.27].abs().sum() == 0
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     gt = sphere_mesh()
     cfg = FitConfig(**{**SMALL, "iterations": 8, "checkpoint_every": 5})  # stages: 4 steps at 16, 4 at 32

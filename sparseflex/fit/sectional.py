@@ -15,6 +15,24 @@ from ..render.frustum import section
 from ..render.maps import render
 
 
+def seen_voxels(centres: torch.Tensor, camera: Camera, *maps: dict, tolerance: float) -> torch.Tensor:
+    """``[N]`` bool: voxel centres inside the (single) view's image and not behind the farther of the first surfaces
+    the rendered ``maps`` show at their pixel (by more than ``tolerance``); background pixels hide nothing."""
+    cam = camera.world_to_camera(centres)[0]
+    z = cam[:, 2]
+    uvw = cam @ camera.K[0].to(cam).T
+    u = torch.round(uvw[:, 0] / z.clamp(min=1e-12)).long()  # pixel centres sit at integer coordinates
+    v = torch.round(uvw[:, 1] / z.clamp(min=1e-12)).long()
+    inside = (z > 0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
+    pix = (v.clamp(0, camera.height - 1) * camera.width + u.clamp(0, camera.width - 1))
+    front = torch.full((camera.height * camera.width,), -float("inf"), dtype=z.dtype, device=z.device)
+    for m in maps:
+        hit = m["tri_id"][0].reshape(-1) >= 0
+        depth = m["depth"][0].detach().reshape(-1).to(z.dtype)
+        front = torch.maximum(front, torch.where(hit, depth, torch.full_like(depth, float("inf"))))
+    return inside & (z <= front[pix] + tolerance)
+
+
 def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float, offset: float,
                           weights: RenderLossWeights, dev: float, sign: float, l1: float, backend: str = "auto",
                           timing: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -38,10 +56,19 @@ def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float
     with torch.no_grad():
         target = render(gt.vertices, gt.faces, cam, backend=backend, antialias_edges=True)
     _, parts = render_loss(pred, target, weights)
+    # The regularisers act only where this view supervises: on hidden voxels nothing would oppose them, and Adam
+    # moves a parameter at its full rate whatever a loss's weight, so they would slowly erase inner surfaces (the
+    # parts of an armchair inside one another) and bend hidden junctions.
+    seen = seen_voxels(sub.voxel_centers().detach(), cam, pred, target, tolerance=3 ** 0.5 / sf.resolution)
     if len(ex.faces):
-        parts["dev"] = dev * ex.dev_loss
-    parts["sign"] = sign * sdf_sign_loss(sub.sdf, ex.crossing_edges, scale=sf.resolution)
-    parts["l1"] = l1 * weight_l1(sub.alpha_raw, sub.beta_raw, sub.gamma_raw)
+        dev_seen = ex.dev[seen[ex.dual_voxel]]
+        if len(dev_seen):
+            parts["dev"] = dev * dev_seen.mean()
+    corner_seen = torch.zeros(len(sub.sdf), dtype=torch.bool, device=seen.device)
+    corner_seen[sub.voxel_corners[seen].reshape(-1)] = True
+    edges = ex.crossing_edges[corner_seen[ex.crossing_edges].all(1)]
+    parts["sign"] = sign * sdf_sign_loss(sub.sdf, edges, scale=sf.resolution)
+    parts["l1"] = l1 * weight_l1(sub.alpha_raw[seen], sub.beta_raw[seen], sub.gamma_raw[seen])
     if timing is not None:
         for key, seconds in (("other", t1 - t0), ("extract", t2 - t1), ("render", time.perf_counter() - t2)):
             timing[key] = timing.get(key, 0.0) + seconds

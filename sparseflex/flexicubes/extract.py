@@ -43,6 +43,7 @@ class Extraction:
     faces: torch.Tensor           # [F, 3] int64, counter-clockwise seen from s > 0
     vertex_batch: torch.Tensor    # [V] batch index of each vertex
     dev: torch.Tensor             # [D] L_dev per dual vertex (mean absolute deviation of crossing distances)
+    dual_voxel: torch.Tensor      # [D] row of the voxel each dual vertex lies in
     crossing_edges: torch.Tensor  # [E, 2] corner rows of every crossing edge (deduplicated)
     num_dual: int                 # dual vertices before dropping those no quad uses
 
@@ -189,4 +190,4 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
     used[faces.reshape(-1)] = True
     remap = torch.cumsum(used.long(), 0) - 1
     return Extraction(vertices=vertices[used], faces=remap[faces], vertex_batch=vertex_batch[used], dev=dev,
-                      crossing_edges=crossing_edges, num_dual=num_dual)
+                      dual_voxel=dual_voxel, crossing_edges=crossing_edges, num_dual=num_dual)
