@@ -120,3 +120,18 @@ def test_bad_cameras_raise_one_line_errors(make, message):
     with pytest.raises(OptionError, match=message) as info:
         make()
     assert "\n" not in str(info.value)
+
+
+def test_to_pixels_inverts_pixel_directions():
+    """A point along the ray through pixel (u, v) at depth z projects back to (u, v) with depth z."""
+    from sparseflex.render import random_views
+    cam = random_views(2, torch.Generator().manual_seed(3), size=32).to(dtype=torch.float64)
+    dirs = cam.pixel_directions()                                   # [B, H, W, 3], camera space, z = 1
+    z = 1.7
+    pts_cam = dirs[:, 5, 9] * z                                     # pixel u = 9, v = 5
+    R, t = cam.rotation, cam.translation
+    world = ((pts_cam - t)[:, None, :] @ R)[:, 0]                  # camera -> world: R^T (x - t)
+    for b in range(len(cam)):
+        uv, depth = cam[b].to_pixels(world[b:b + 1])
+        torch.testing.assert_close(uv[0, 0], torch.tensor([9.0, 5.0], dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(depth[0, 0], torch.tensor(z, dtype=torch.float64), atol=1e-5, rtol=0)

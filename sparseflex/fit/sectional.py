@@ -18,11 +18,9 @@ from ..render.maps import render
 def seen_voxels(centres: torch.Tensor, camera: Camera, *maps: dict, tolerance: float) -> torch.Tensor:
     """``[N]`` bool: voxel centres inside the (single) view's image and not behind the farther of the first surfaces
     the rendered ``maps`` show at their pixel (by more than ``tolerance``); background pixels hide nothing."""
-    cam = camera.world_to_camera(centres)[0]
-    z = cam[:, 2]
-    uvw = cam @ camera.K[0].to(cam).T
-    u = torch.round(uvw[:, 0] / z.clamp(min=1e-12)).long()  # pixel centres sit at integer coordinates
-    v = torch.round(uvw[:, 1] / z.clamp(min=1e-12)).long()
+    uv, z = camera.to_pixels(centres)
+    uv, z = torch.round(uv[0]).long(), z[0]
+    u, v = uv[:, 0], uv[:, 1]
     inside = (z > 0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
     pix = (v.clamp(0, camera.height - 1) * camera.width + u.clamp(0, camera.width - 1))
     front = torch.full((camera.height * camera.width,), -float("inf"), dtype=z.dtype, device=z.device)
@@ -59,7 +57,7 @@ def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float
     # The regularisers act only where this view supervises: on hidden voxels nothing would oppose them, and Adam
     # moves a parameter at its full rate whatever a loss's weight, so they would slowly erase inner surfaces (the
     # parts of an armchair inside one another) and bend hidden junctions.
-    seen = seen_voxels(sub.voxel_centers().detach(), cam, pred, target, tolerance=3 ** 0.5 / sf.resolution)
+    seen = seen_voxels(centres[active[0]], cam, pred, target, tolerance=3 ** 0.5 / sf.resolution)
     if len(ex.faces):
         dev_seen = ex.dev[seen[ex.dual_voxel]]
         if len(dev_seen):

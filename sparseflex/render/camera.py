@@ -125,6 +125,14 @@ class Camera:
         pts = points if points.dim() == 3 else points[None]
         return pts @ R.transpose(1, 2) + t[:, None]
 
+    def to_pixels(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, 3]`` world points to pixel coordinates ``[B, N, 2]`` (pixel centres at integers) and camera depth
+        ``z [B, N]``; points with ``z <= 0`` (behind the camera) get meaningless pixel coordinates."""
+        cam = self.world_to_camera(points)
+        z = cam[..., 2]
+        uvw = cam @ self.K.to(cam).transpose(1, 2)
+        return uvw[..., :2] / z.clamp(min=1e-12)[..., None], z
+
     def projection(self) -> torch.Tensor:
         """OpenGL-style clip matrices [B, 4, 4] for these intrinsics and planes, acting on camera-space points.
 
