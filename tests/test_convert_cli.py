@@ -50,3 +50,24 @@ def test_convert_bad_input(tmp_path, capsys, content):
     assert main(["convert", str(path), "-o", str(tmp_path / "o.ply")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and "bad.obj" in err
+
+
+def test_convert_keeps_a_thin_plate_unless_told_not_to(tmp_path, capsys):
+    """A plate 0.3 voxels thick at resolution 32 survives by default; ``--no-thin-sheets`` gives the plain SDF."""
+    def box(lo, hi):
+        b = trimesh.creation.box(extents=np.subtract(hi, lo))
+        b.apply_translation(np.add(lo, hi) / 2)
+        return b
+    z0, t = 0.37 / 32, 0.3 / 32  # between two corner planes: no corner inside the plate
+    # two small cubes in opposite corners make the bounding box [-0.5, 0.5]^3: normalisation is the identity
+    parts = [box([-0.4, -0.4, z0 - t / 2], [0.4, 0.4, z0 + t / 2]),
+             box([0.45, 0.45, 0.45], [0.5, 0.5, 0.5]), box([-0.5, -0.5, -0.5], [-0.45, -0.45, -0.45])]
+    src = tmp_path / "plate.obj"
+    save_mesh(src, Mesh.from_trimesh(trimesh.util.concatenate(parts)))
+    areas = {}
+    for flag in ([], ["--no-thin-sheets"]):
+        out = tmp_path / f"out{len(flag)}.ply"
+        assert main(["convert", str(src), "-o", str(out), "--resolution", "32", "--no-metrics", *flag]) == 0
+        capsys.readouterr()
+        areas[bool(flag)] = trimesh.load(out, process=False).area
+    assert areas[False] - areas[True] == pytest.approx(2 * 0.8 * 0.8, rel=0.03)  # both faces of the plate

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=positive_int, default=256, help="grid resolution R (8..2048, default 256)")
     p.add_argument("--dilation", type=int, default=1, help="voxel dilation around the surface (0..4, default 1)")
     p.add_argument("--points", type=positive_int, default=None, help="surface samples for the SDF (default: automatic)")
+    p.add_argument("--no-thin-sheets", action="store_true",
+                   help="do not keep plates and gaps thinner than a voxel (the plain oriented-point SDF)")
     p.add_argument("--no-metrics", action="store_true", help="skip the metrics against the input")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-points", type=positive_int, default=300_000,
@@ -35,7 +37,8 @@ def run(args) -> int:
     start = time.perf_counter()
     mesh = load_mesh(args.input)
     normed, transform = normalize(mesh)
-    sf = mesh_to_sparseflex(normed, args.resolution, dilation=args.dilation, num_points=args.points, seed=args.seed)
+    sf = mesh_to_sparseflex(normed, args.resolution, dilation=args.dilation, num_points=args.points, seed=args.seed,
+                            thin_sheets=not args.no_thin_sheets)
     ex = sf.extract()
     result = Mesh(transform.invert(ex.vertices), ex.faces)
     save_mesh(out, result)

@@ -19,6 +19,7 @@ import torch
 from ..data.mesh import Mesh
 from ..data.sampling import sample_surface
 from ..errors import OptionError, SparseFlexError, check_range
+from ..flexicubes.init_sdf import OrientedPoints
 from ..flexicubes.representation import SparseFlex
 from ..io import atomic_path
 from ..losses import RenderLossWeights
@@ -196,7 +197,8 @@ class Fitter:
                 if on_checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                     on_checkpoint(self.snapshot())
             if st.stage + 1 < len(stages):
-                band = surface_band(self.gt, st.sf.resolution * 2, self.points, self.normals, cfg.margin)
+                samples = OrientedPoints(self.points, self.normals)
+                band = surface_band(self.gt, st.sf.resolution * 2, samples, cfg.margin)
                 st.sf = refine(st.sf, band, cfg.margin)
                 self.sampler.resolution = st.sf.resolution
                 self.optimizer = make_optimizer(st.sf, cfg)
