@@ -1,7 +1,8 @@
 """`sparseflex fit` against its baselines on the shared meshes, per group, measured by the same code in one run.
 
     python benchmarks/fit.py --out DIR [--resolution 256] [--iterations 600] [--groups closed,open,interior]
-        [--meshes-per-group N] [--baselines convert,udf,sdf,dense] [--dense-budget-gb 8] [--points 300000] [--verbose]
+        [--meshes-per-group N] [--baselines convert,udf,sdf,dense] [--skip-fit] [--dense-budget-gb 8] [--points 300000]
+        [--verbose]
     python benchmarks/fit.py --calibrate 16,32,64     # peak memory of dense FlexiCubes fits (baselines.DENSE_*)
 
 Methods, all on the mesh normalised to [-0.5, 0.5]^3 at resolution R:
@@ -99,7 +100,7 @@ def measure_mesh(path: Path, group: str, args, dense_resolution: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"group": group, "mesh": path.name, "watertight": watertight, "methods": {}}
     meshes = {}
-    for method in ("fit", *args.baselines):
+    for method in (*(() if args.skip_fit else ("fit",)), *args.baselines):
         if method == "sdf" and not watertight:
             continue
         res = dense_resolution if method == "dense" else args.resolution
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--groups", default="closed,open,interior")
     ap.add_argument("--meshes-per-group", type=int, default=0, help="0: all")
     ap.add_argument("--baselines", default="convert,udf,sdf,dense")
+    ap.add_argument("--skip-fit", action="store_true", help="measure the baselines only")
     ap.add_argument("--dense-budget-gb", type=float, default=8.0)
     ap.add_argument("--points", type=int, default=300_000, help="surface samples per mesh for the metrics")
     ap.add_argument("--image-size", type=int, default=256)
@@ -214,7 +216,7 @@ def main() -> None:
         if "dense" in args.baselines else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in METHODS if m == "fit" or m in args.baselines]
+    methods = [m for m in METHODS if (m == "fit" and not args.skip_fit) or m in args.baselines]
     payload = {"resolution": args.resolution, "iterations": args.iterations, "dense_resolution": dense_res,
                "points": args.points, "records": []}
     print(f"fit benchmark at {args.resolution}^3, {args.iterations} iterations, dense FlexiCubes at {dense_res}^3 "
