@@ -114,3 +114,21 @@ def test_thick_and_single_sheets_are_left_alone():
         corners = sf.corners[:, 1:].float() / R - 0.5
         idx, _, _ = OrientedPoints(pts, nrm).thin_sheets(corners, R)
         assert len(idx) == 0
+
+
+def test_fit_leaves_thin_sheet_corners_and_keeps_the_plate():
+    from sparseflex.fit.fitter import FitConfig, Fitter
+
+    z0, t = -0.5 + 16.37 * H, 0.3 * H
+    gt = as_mesh(box([-0.4, -0.4, z0 - t / 2], [0.4, 0.4, z0 + t / 2]))
+    fitter = Fitter(gt, FitConfig(resolution=R, iterations=6, image_size=64, checkpoint_every=0))
+    pinned = fitter.state.pinned
+    assert pinned is not None and pinned.sum() > 100          # the plate's mid-sheet layer
+    sdf, deform = fitter.state.sf.sdf.clone(), fitter.state.sf.deform.clone()
+    sf = fitter.run()
+    assert torch.equal(sf.sdf[pinned], sdf[pinned]) and torch.equal(sf.deform[pinned], deform[pinned])
+    assert not torch.equal(sf.sdf[~pinned], sdf[~pinned])     # the rest is optimised
+    ex = sf.extract()
+    pred = Mesh(ex.vertices.detach(), ex.faces)
+    for z in (z0 - t / 2, z0 + t / 2):
+        assert on_surface(square(z, 0.35), pred, 0.05 * H) >= 0.99
