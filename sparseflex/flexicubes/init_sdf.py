@@ -1,7 +1,8 @@
 """Corner SDF from oriented surface points: the signed distance to the tangent plane of the nearest sample.
 
 Unlike inside/outside tests (winding numbers, flood fill), this needs no watertight input: it works for closed, open
-and nested surfaces alike, because only the local side of the nearest surface matters.
+and nested surfaces alike, because only the local side of the nearest surface matters. Features thinner than the grid
+get their corners moved onto them (:meth:`OrientedPoints.thin_sheets`).
 """
 
 from __future__ import annotations
