@@ -7,6 +7,7 @@ import torch
 from sparseflex.eval.topology import (boundary_edges, euler_characteristic, is_consistently_oriented,
                                       is_edge_manifold, num_boundary_loops, num_components, signed_volume)
 from sparseflex.flexicubes import SparseFlex, extract_surface, sdf_sign_loss
+from sparseflex.flexicubes.representation import deform_for, max_displacement
 from sparseflex.sparse import dense_grid, dilate
 
 
@@ -208,6 +209,23 @@ def test_subdivide_keeps_linear_sdf_and_positions():
     pos = fine.corners[:, 1:].double() / fine.resolution - 0.5
     assert torch.allclose(fine.sdf, fn(pos), atol=1e-6)  # source SDF was float32
     assert fine.corner_positions().sub(pos).abs().max() < 1e-6
+
+
+def test_subdivide_keeps_deformed_corners_in_place():
+    r = 16
+    fn = sphere(0.3)
+    sf = SparseFlex.from_sdf(band(fn, r), r, fn)
+    # displacements up to 0.4 of a parent half-voxel stay inside the children's smaller range (half of it)
+    disp = (torch.rand(len(sf.corners), 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.8 * max_displacement(r)
+    sf.deform = deform_for(disp, r)
+    assert torch.allclose(sf.displacement(), disp, atol=1e-6)
+    fine = sf.subdivide()
+    # a parent corner is the child corner at twice its index, and it must not move
+    parent_key = {tuple(c): i for i, c in enumerate(sf.corners[:, 1:].tolist())}
+    rows = [(parent_key[tuple(c // 2 for c in cc)], j) for j, cc in enumerate(fine.corners[:, 1:].tolist())
+            if all(c % 2 == 0 for c in cc)]
+    p_idx, c_idx = map(torch.tensor, zip(*rows))
+    assert torch.allclose(fine.corner_positions()[c_idx], sf.corner_positions()[p_idx], atol=1e-5)
 
 
 def test_select_is_a_subset():

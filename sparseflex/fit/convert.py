@@ -13,7 +13,7 @@ from ..data.mesh import Mesh
 from ..data.sampling import sample_surface
 from ..data.voxelize import voxelize
 from ..flexicubes.init_sdf import OrientedPoints
-from ..flexicubes.representation import SparseFlex
+from ..flexicubes.representation import SparseFlex, deform_for
 from ..render.visibility import cast_rays, embree_available
 from ..sparse.coords import batched, dilate
 
@@ -66,8 +66,7 @@ def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_point
         side = solid_side_by_rays(mesh) if embree_available() else None
         idx, sdf, disp = oriented.thin_sheets(sf.corners[:, 1:].to(points.dtype) / resolution - 0.5, resolution, side)
         sf.sdf[idx] = sdf.to(sf.sdf)
-        half = (1 - 1e-8) / (2 * resolution)  # the deformation's range (SparseFlex.corner_positions)
-        sf.deform[idx] = torch.atanh((disp.to(sf.deform) / half).clamp(-0.999, 0.999))
+        sf.deform[idx] = deform_for(disp.to(sf.deform), resolution)
     return sf
 
 

@@ -20,6 +20,17 @@ def activate_weight(kind: str, raw: torch.Tensor) -> torch.Tensor:
     return torch.tanh(raw) * 0.99 + 1
 
 
+def max_displacement(resolution: int) -> float:
+    """The deformation's range: a corner moves at most (1 - 1e-8) / (2R) per axis, just under half a voxel, so
+    neighbouring corners never cross."""
+    return (1 - 1e-8) / (2 * resolution)
+
+
+def deform_for(displacement: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Pre-activation ``deform`` that moves corners by ``displacement`` (world units, clipped to the range)."""
+    return torch.atanh((displacement / max_displacement(resolution)).clamp(-0.999, 0.999))
+
+
 @dataclass
 class SparseFlex:
     """A SparseFlex at resolution ``R`` in the cube [-0.5, 0.5]^3.
@@ -77,11 +88,13 @@ class SparseFlex:
     def num_voxels(self) -> int:
         return len(self.coords)
 
+    def displacement(self) -> torch.Tensor:
+        """World-space corner displacement: (1 - 1e-8) / (2R) * tanh(deform) (at most half a voxel)."""
+        return max_displacement(self.resolution) * torch.tanh(self.deform)
+
     def corner_positions(self) -> torch.Tensor:
-        """Deformed corner positions: v / R - 0.5 + (1 - 1e-8) / (2R) * tanh(delta) (at most half a voxel)."""
-        r = self.resolution
-        base = self.corners[:, 1:].to(self.sdf.dtype) / r - 0.5
-        return base + (1 - 1e-8) / (2 * r) * torch.tanh(self.deform)
+        """Deformed corner positions: v / R - 0.5 + :meth:`displacement`."""
+        return self.corners[:, 1:].to(self.sdf.dtype) / self.resolution - 0.5 + self.displacement()
 
     def voxel_centers(self) -> torch.Tensor:
         return (self.coords[:, 1:].to(self.sdf.dtype) + 0.5) / self.resolution - 0.5
@@ -127,11 +140,9 @@ class SparseFlex:
         t = corners[:, 1:].to(self.sdf.dtype) / 2 - self.coords[parent, 1:].to(self.sdf.dtype)  # in {0, .5, 1}^3
         off = CORNER_OFFSETS.to(t).bool()
         w = torch.prod(torch.where(off[None], t[:, None], 1 - t[:, None]), dim=-1)  # [Nc, 8 parent corners]
-        disp = (1 - 1e-8) / (2 * self.resolution) * torch.tanh(self.deform)
-        vals = torch.cat([self.sdf[:, None], disp], 1)[self.voxel_corners[parent]]  # [Nc, 8, 4]
+        vals = torch.cat([self.sdf[:, None], self.displacement()], 1)[self.voxel_corners[parent]]  # [Nc, 8, 4]
         interp = torch.einsum("nk,nkd->nd", w, vals)
-        half_child = (1 - 1e-8) / (4 * self.resolution)
-        deform = torch.atanh((interp[:, 1:] / half_child).clamp(-0.999, 0.999))
+        deform = deform_for(interp[:, 1:], 2 * self.resolution)
         n = n_child
         zeros = self.sdf.new_zeros
         return SparseFlex(child_coords, self.resolution * 2, corners, voxel_corners, interp[:, 0], deform,
