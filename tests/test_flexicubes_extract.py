@@ -216,7 +216,8 @@ def test_subdivide_keeps_deformed_corners_in_place():
     fn = sphere(0.3)
     sf = SparseFlex.from_sdf(band(fn, r), r, fn)
     # displacements up to 0.4 of a parent half-voxel stay inside the children's smaller range (half of it)
-    disp = (torch.rand(len(sf.corners), 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.8 * max_displacement(r)
+    noise = torch.rand(len(sf.corners), 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    disp = noise * 0.8 * max_displacement(r)
     sf.deform = deform_for(disp, r)
     assert torch.allclose(sf.displacement(), disp, atol=1e-6)
     fine = sf.subdivide()

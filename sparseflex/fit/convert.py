@@ -44,27 +44,30 @@ def surface_band(mesh: Mesh, resolution: int, samples: OrientedPoints, dilation:
 
 def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_points: int | None = None,
                        seed: int = 0, max_lateral: float = 0.75,
-                       samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       samples: OrientedPoints | tuple[torch.Tensor, torch.Tensor] | None = None,
                        thin_sheets: bool = True) -> SparseFlex:
     """SparseFlex of a NORMALISED mesh: the :func:`surface_band` voxels, corner SDF from oriented points.
 
-    ``samples`` (points, normals) reuses a surface sample already drawn; otherwise ``num_points`` are drawn (by
-    default enough for the resolution). ``thin_sheets`` keeps plates and gaps thinner than a voxel by moving the
-    corners next to them onto their mid-sheet (:meth:`OrientedPoints.thin_sheets`); where two sheets coincide
-    (touching parts, double-sided cloth) rays through the mesh decide which side is solid (needs Embree)."""
-    if samples is not None:
-        points, normals = samples
+    ``samples`` (an :class:`OrientedPoints` or (points, normals)) reuses a surface sample already drawn; otherwise
+    ``num_points`` are drawn (by default enough for the resolution). ``thin_sheets`` keeps plates and gaps thinner
+    than a voxel by moving the corners next to them onto their mid-sheet (:meth:`OrientedPoints.thin_sheets`);
+    where two sheets coincide (touching parts, double-sided cloth) rays through the mesh decide which side is solid
+    (needs Embree)."""
+    if isinstance(samples, OrientedPoints):
+        oriented = samples
+    elif samples is not None:
+        oriented = OrientedPoints(*samples)
     else:
         if num_points is None:  # size the sample to the voxel count, estimated from the surface area
             num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
         gen = torch.Generator().manual_seed(seed)
-        points, normals, _ = sample_surface(mesh, num_points, generator=gen)
-    oriented = OrientedPoints(points, normals)
+        oriented = OrientedPoints(*sample_surface(mesh, num_points, generator=gen)[:2])
     coords = surface_band(mesh, resolution, oriented, dilation, max_lateral)
     sf = SparseFlex.from_sdf(coords, resolution, oriented.sdf)
     if thin_sheets:
         side = solid_side_by_rays(mesh) if embree_available() else None
-        idx, sdf, disp = oriented.thin_sheets(sf.corners[:, 1:].to(points.dtype) / resolution - 0.5, resolution, side)
+        corner_pos = sf.corners[:, 1:].to(oriented.points.dtype) / resolution - 0.5
+        idx, sdf, disp = oriented.thin_sheets(corner_pos, resolution, side)
         sf.sdf[idx] = sdf.to(sf.sdf)
         sf.deform[idx] = deform_for(disp.to(sf.deform), resolution)
     return sf
