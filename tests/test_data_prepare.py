@@ -218,6 +218,14 @@ def test_worker_pool_survives_crashes_and_exceptions():
     assert inline == {0: (True, 2), 1: (False, "ValueError: invalid literal for int() with base 10: 'x'")}
 
 
+def test_a_result_after_the_deadline_is_a_timeout():
+    # 0.05 s tasks finish well inside one poll interval (0.2 s) yet past a 0.01 s deadline
+    tasks = ["__import__('time').sleep(0.05)"] * 2
+    results = [(r.ok, r.value) for r in run_tasks(eval, tasks, workers=1, timeout=0.01)]
+    assert results == [(False, "timed out after 0.01 s")] * 2
+    assert [r.ok for r in run_tasks(eval, tasks, workers=1, timeout=5)] == [True, True]
+
+
 def test_retry_failed_after_the_file_is_fixed(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()

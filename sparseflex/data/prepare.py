@@ -276,6 +276,7 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
                 record.update(status="failed", reason=res.value)
                 for tmp in (root / manifest.ITEMS).glob(f".{glob.escape(s.name)}.npz.*.tmp"):  # left by a killed worker
                     tmp.unlink(missing_ok=True)
+                Path(tasks[res.index][1]).unlink(missing_ok=True)  # written by a task that finished too late
                 result.failed += 1
                 result.failures.append(record)
                 log(f"[{done}/{len(todo)}] {s.name}: FAILED: {res.value}")

@@ -139,8 +139,11 @@ def run_tasks(fn: Callable, tasks: Iterable, workers: int, timeout: float | None
                 if kind == "ready":
                     w.ready = True
                 else:
+                    late = timeout and time.monotonic() - w.started > timeout
                     w.index = None
-                    yield TaskResult(*payload)
+                    # a result that arrives after the deadline (between two polls) is as late as one never sent
+                    yield (TaskResult(payload[0], False, f"timed out after {timeout:g} s") if late
+                           else TaskResult(*payload))
             now = time.monotonic()
             for w in [w for w in pool if w.index is not None and timeout and now - w.started > timeout]:
                 index = w.index
