@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--skip-fit", action="store_true", help="measure the baselines only")
     ap.add_argument("--dense-budget-gb", type=float, default=8.0)
     ap.add_argument("--points", type=int, default=300_000, help="surface samples per mesh for the metrics")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=0, help="0: automatic (FitConfig.size)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per method and mesh")
     ap.add_argument("--calibrate", default="", help="comma-separated resolutions: measure dense-fit peak memory")
     ap.add_argument("--verbose", action="store_true", help="per-mesh rows too")

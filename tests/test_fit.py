@@ -182,6 +182,15 @@ def test_fit_cli_bad_input(tmp_path, capsys, content, message):
 def test_fit_cli_bad_options(tmp_path, capsys):
     src = tmp_path / "s.obj"
     save_mesh(src, sphere_mesh())
-    for opts in (["--resolution", "100"], ["--visibility-ratio", "1.5"], ["--iterations", "-3"]):
+    for opts in (["--resolution", "100"], ["--visibility-ratio", "1.5"], ["--iterations", "-3"],
+                 ["--image-size", "-64"], ["--image-size", "8"]):
         assert main(["fit", str(src), "-o", str(tmp_path / "o"), "--quiet", *opts]) == 2
         assert capsys.readouterr().err.startswith("error:")
+
+
+def test_automatic_settings_follow_the_final_resolution():
+    assert [FitConfig(resolution=r).size() for r in (64, 256, 512, 1024)] == [256, 256, 256, 512]
+    assert FitConfig(resolution=1024, image_size=128).size() == 128
+    assert [FitConfig(resolution=r).ratio(r) for r in (256, 512, 1024)] == [1.0, 0.3, 0.1]
+    gt = normalize(sphere_mesh())[0]
+    assert Fitter(gt, FitConfig(resolution=16, iterations=0)).sampler.size == 256

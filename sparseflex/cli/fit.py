@@ -15,13 +15,17 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("input", help="mesh file (OBJ, PLY, STL, OFF, GLB/GLTF)")
     p.add_argument("-o", "--output", required=True, help="output folder (mesh.ply, metrics.json, pictures, checkpoint)")
-    p.add_argument("--resolution", type=positive_int, default=256, help="final resolution, a power of two (default 256)")
+    p.add_argument("--resolution", type=positive_int, default=256,
+                   help="final resolution, a power of two (default 256)")
     p.add_argument("--start-resolution", type=positive_int, default=0,
-                   help="first stage's resolution for coarse-to-fine fitting (default: the final resolution, one stage)")
+                   help="first stage's resolution for coarse-to-fine fitting "
+                        "(default: the final resolution, one stage)")
     p.add_argument("--visibility-ratio", type=float, default=0.0,
-                   help="fraction of voxels each step extracts and renders (default: 1 up to 256, 0.3 at 512, 0.1 at 1024)")
+                   help="fraction of voxels each step extracts and renders "
+                        "(default: 1 up to 256, 0.3 at 512, 0.1 at 1024)")
     p.add_argument("--iterations", type=int, default=600, help="optimisation steps over all stages (default 600)")
-    p.add_argument("--image-size", type=positive_int, default=256, help="rendered image size in pixels (default 256)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="rendered image size in pixels (default: 256 up to resolution 512, 512 at 1024)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0)
