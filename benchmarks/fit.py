@@ -222,7 +222,11 @@ def main() -> None:
     print(f"fit benchmark at {args.resolution}^3, {args.iterations} iterations, dense FlexiCubes at {dense_res}^3 "
           f"(budget {args.dense_budget_gb:g} GB), metrics with {args.points:,} points (point-to-surface)", flush=True)
     for group in args.groups.split(","):
-        paths = sorted(p for p in (Path(args.root) / group).iterdir() if p.suffix.lower() != ".tsv")
+        group_dir = Path(args.root) / group
+        if not group_dir.is_dir():
+            print(f"\n{group}: no folder {group_dir}, skipped")
+            continue
+        paths = sorted(p for p in group_dir.iterdir() if p.suffix.lower() != ".tsv")
         if args.meshes_per_group:
             paths = paths[: args.meshes_per_group]
         records = []
