@@ -110,7 +110,7 @@ def test_thick_and_single_sheets_are_left_alone():
     sheet = Mesh(sheet_v, torch.tensor([[0, 1, 2], [0, 2, 3]]))
     for gt in (block, sheet):
         pts, nrm, _ = sample_surface(gt, 100_000, generator=torch.Generator().manual_seed(0))
-        sf = mesh_to_sparseflex(gt, R, samples=(pts, nrm), thin_sheets=False)
+        sf = mesh_to_sparseflex(gt, R, samples=OrientedPoints(pts, nrm), thin_sheets=False)
         corners = sf.corners[:, 1:].float() / R - 0.5
         idx, _, _ = OrientedPoints(pts, nrm).thin_sheets(corners, R)
         assert len(idx) == 0

@@ -44,20 +44,16 @@ def surface_band(mesh: Mesh, resolution: int, samples: OrientedPoints, dilation:
 
 def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_points: int | None = None,
                        seed: int = 0, max_lateral: float = 0.75,
-                       samples: OrientedPoints | tuple[torch.Tensor, torch.Tensor] | None = None,
+                       samples: OrientedPoints | None = None,
                        thin_sheets: bool = True) -> SparseFlex:
     """SparseFlex of a NORMALISED mesh: the :func:`surface_band` voxels, corner SDF from oriented points.
 
-    ``samples`` (an :class:`OrientedPoints` or (points, normals)) reuses a surface sample already drawn; otherwise
-    ``num_points`` are drawn (by default enough for the resolution). ``thin_sheets`` keeps plates and gaps thinner
-    than a voxel by moving the corners next to them onto their mid-sheet (:meth:`OrientedPoints.thin_sheets`);
-    where two sheets coincide (touching parts, double-sided cloth) rays through the mesh decide which side is solid
-    (needs Embree)."""
-    if isinstance(samples, OrientedPoints):
-        oriented = samples
-    elif samples is not None:
-        oriented = OrientedPoints(*samples)
-    else:
+    ``samples`` reuses a surface sample already drawn (with its KD-trees); otherwise ``num_points`` are drawn (by
+    default enough for the resolution). ``thin_sheets`` keeps plates and gaps thinner than a voxel by moving the
+    corners next to them onto their mid-sheet (:meth:`OrientedPoints.thin_sheets`); where two sheets coincide
+    (touching parts, double-sided cloth) rays through the mesh decide which side is solid (needs Embree)."""
+    oriented = samples
+    if oriented is None:
         if num_points is None:  # size the sample to the voxel count, estimated from the surface area
             num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
         gen = torch.Generator().manual_seed(seed)
