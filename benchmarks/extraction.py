@@ -48,7 +48,7 @@ def measure(path: str) -> dict:
     from sparseflex.flexicubes.representation import SparseFlex
     from sparseflex.sparse.coords import corner_lattice
 
-    d = torch.load(path)
+    d = torch.load(path, weights_only=True)  # tensors and plain values only: nothing in the file runs
     t0 = time.perf_counter()
     corners, voxel_corners = corner_lattice(d["coords"])
     n, nc = len(d["coords"]), len(corners)

@@ -13,7 +13,7 @@ import sys
 from ..errors import SparseFlexError
 
 # Sub-command modules, in the order `sparseflex --help` lists them.
-COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct"]
+COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct", "checkpoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from ..data.sampling import sample_surface
 from ..errors import OptionError, SparseFlexError, check_range
 from ..flexicubes.init_sdf import OrientedPoints
 from ..flexicubes.representation import SparseFlex
-from ..io import atomic_path
+from ..io import atomic_path, safe_torch_load, to_plain
 from ..losses import RenderLossWeights
 from ..sparse.coords import VoxelHash
 from .convert import default_num_points, mesh_to_sparseflex, surface_band
@@ -30,6 +30,8 @@ from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
 
 PARAMS = ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw")
+#: ``torch.save`` payload of :func:`save_checkpoint`.
+FORMAT = "sparseflex-fit-1"
 
 
 def default_visibility_ratio(resolution: int) -> float:
@@ -246,30 +248,38 @@ class Fitter:
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, state: FitState, config: FitConfig) -> None:
-    """Write atomically (temporary file + rename), so an interruption never leaves a half-written checkpoint."""
+    """Write atomically (temporary file + rename), so an interruption never leaves a half-written checkpoint. The
+    payload is tensors and plain values only, so :func:`load_checkpoint` reads it with ``weights_only=True``."""
     sf = state.sf
     payload = {
-        "format": "sparseflex-fit-1",
+        "format": FORMAT,
         "config": asdict(config),
-        "sparseflex": {"coords": sf.coords, "resolution": sf.resolution, "corners": sf.corners,
+        "sparseflex": {"coords": sf.coords, "resolution": int(sf.resolution), "corners": sf.corners,
                        "voxel_corners": sf.voxel_corners, **{k: getattr(sf, k).detach() for k in PARAMS}},
-        "stage": state.stage, "step": state.step, "history": state.history, "timing": state.timing,
+        "stage": int(state.stage), "step": int(state.step),
+        "history": [tuple(entry) for entry in state.history], "timing": dict(state.timing),
         "optimizer": state.optimizer_state, "rng": state.rng_state, "pinned": state.pinned,
     }
+    payload = to_plain(payload, "fit checkpoint")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> tuple[FitState, FitConfig]:
+    """Read a fit checkpoint (``weights_only``: nothing in the file runs), with one clear error line when it cannot
+    be resumed from."""
     try:
-        payload = torch.load(path, map_location=device or "cpu", weights_only=False)
-        if payload.get("format") != "sparseflex-fit-1":
+        payload = safe_torch_load(path, map_location=device or "cpu")
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError("not a sparseflex fit checkpoint")
         d = payload["sparseflex"]
         sf = SparseFlex(d["coords"], int(d["resolution"]), d["corners"], d["voxel_corners"],
                         *[d[k] for k in PARAMS])
+        state = FitState(sf, payload["stage"], payload["step"], list(payload["history"]), payload["timing"],
+                         payload["optimizer"], payload["rng"], payload.get("pinned"))
+        config = FitConfig.from_dict(payload["config"])
+    except SparseFlexError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be resumed from
         raise SparseFlexError(f"cannot resume from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    state = FitState(sf, payload["stage"], payload["step"], payload["history"], payload["timing"],
-                     payload["optimizer"], payload["rng"], payload.get("pinned"))
-    return state, FitConfig.from_dict(payload["config"])
+    return state, config

@@ -1,4 +1,8 @@
-"""Reading and writing VAE weights: the TripoSF safetensors release, our safetensors files and training checkpoints.
+"""Reading and writing VAE weights: the TripoSF safetensors release, our safetensors files and training checkpoints;
+converting checkpoints of older versions (:func:`upgrade_checkpoint`).
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`~sparseflex.io.safe_torch_load`): tensors and plain
+values only, so a crafted file cannot run code.
 
 Parameter names of :class:`~sparseflex.models.vae.SparseFlexVAE` are the release's, so mapping a state dict is the
 identity (minus a DistributedDataParallel ``module.`` prefix); every key and shape is checked before anything loads.
@@ -14,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..io import atomic_path
+from ..errors import InputError, OptionError
+from ..io import CHECKPOINT_FORMATS, atomic_path, safe_torch_load, to_plain
 from .configs import VAEConfig, get_config
 from .vae import SparseFlexVAE
 
@@ -51,7 +55,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if p.suffix.lower() == ".safetensors" or _is_safetensors(p):
         return _read_safetensors(p)
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=False)
+        payload = safe_torch_load(p)  # weights_only: a crafted file is refused, nothing in it runs
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint we can read
         raise InputError(f"{p}: not a safetensors file or a readable training checkpoint "
                          f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
@@ -141,3 +147,39 @@ def save_weights(model: SparseFlexVAE, path: str | os.PathLike) -> Path:
     with atomic_path(p) as tmp:
         save_file(state, tmp, metadata=metadata)
     return p
+
+
+def upgrade_checkpoint(old: str | os.PathLike, new: str | os.PathLike, trust: bool = False,
+                       overwrite: bool = False) -> Path:
+    """Convert a training or fit checkpoint written by an older sparseflex (numpy random states, numpy scalars) to
+    the current format, which loads with ``weights_only=True``; written to ``new`` atomically.
+
+    Reading the old file unpickles it in full, which runs any code a crafted file carries: it is done only with
+    ``trust=True``. ``new`` is not replaced unless ``overwrite``.
+    """
+    old, new = Path(old), Path(new)
+    if not old.is_file():
+        raise InputError(f"{old}: no such checkpoint file")
+    if new.exists() and not overwrite:
+        raise OptionError(f"{new} exists; pass --overwrite to replace it")
+    if not trust:
+        raise OptionError(f"refusing to read {old} without --trust: converting unpickles the whole file, which runs "
+                          f"any code it carries; pass --trust only for a checkpoint you wrote yourself")
+    try:
+        payload = torch.load(old, map_location="cpu", weights_only=False)  # the user vouched for this file
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint we can convert
+        raise InputError(f"{old}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in CHECKPOINT_FORMATS:
+        raise InputError(f"{old}: not a SparseFlex checkpoint (expected one of {', '.join(CHECKPOINT_FORMATS)})")
+    try:
+        if fmt == TRAIN_FORMAT:
+            from ..train.trainer import plain_rng_state
+            payload = dict(payload, rng=[plain_rng_state(state) for state in payload["rng"]])
+        payload = to_plain(payload, str(old))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"cannot convert {old}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    with atomic_path(new) as tmp:
+        torch.save(payload, tmp)
+        safe_torch_load(tmp)  # what was written loads safely, or nothing is left behind
+    return new

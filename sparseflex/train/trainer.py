@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import OptionError, SparseFlexError
-from ..io import atomic_path, write_atomic
+from ..io import atomic_path, safe_torch_load, to_plain, write_atomic
 from .config import FORMAT, TrainConfig
 
 
@@ -181,26 +181,45 @@ def _grad_scaler():
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
+    """The random states of Python, numpy, torch and CUDA as tensors and plain values (see :func:`plain_rng_state`),
+    so a checkpoint loads with ``weights_only=True``."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return plain_rng_state(state)
+
+
+def plain_rng_state(state: dict) -> dict:
+    """Python's state as ``[version, [ints], gauss_next]`` and numpy's as ``[name, keys (int64 tensor), pos,
+    has_gauss, cached_gaussian]``; also converts the tuples (with a numpy array) that older checkpoints hold."""
+    out = dict(state)
+    version, internal, gauss = state["python"]
+    out["python"] = [int(version), [int(v) for v in internal], None if gauss is None else float(gauss)]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.clone() if isinstance(keys, torch.Tensor) else torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    out["numpy"] = [str(name), keys.to(torch.int64), int(pos), int(has_gauss), float(cached)]
+    return out
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a training checkpoint, with one clear error line when it cannot be used."""
+    """Read a training checkpoint (``weights_only``: nothing in the file runs), with one clear error line when it
+    cannot be used."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = safe_torch_load(path, map_location=map_location)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} checkpoint")
+    except SparseFlexError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
         raise SparseFlexError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     return payload
@@ -276,7 +295,11 @@ class Trainer:
         if len(states) != self.world:
             raise OptionError(f"checkpoint was written by {len(states)} processes; resume with the same number "
                               f"(now {self.world})")
-        set_rng_state(states[self.rank])
+        try:
+            set_rng_state(states[self.rank])
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise SparseFlexError(f"checkpoint {self.ckpt_path} holds unreadable random states "
+                                  f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
     def state_dict(self) -> dict:
         """The checkpoint payload (collective under DDP: every rank must call it)."""
@@ -295,7 +318,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (rank 0) and refresh the loss curve."""
-        payload = self.state_dict()
+        payload = to_plain(self.state_dict())
         if self.rank == 0:
             with atomic_path(self.ckpt_path) as tmp:
                 torch.save(payload, tmp)
