@@ -1,16 +1,18 @@
-"""Learned models: the SparseFlex VAE (configs, self-pruning upsampling, checkpoints, encoder inputs)."""
+"""Learned models: the SparseFlex VAE (configs, self-pruning upsampling, checkpoints, encoder inputs) and the
+DINOv2 image encoder for image conditioning."""
 
 from ..data.voxelize import jittered_voxels
 from .checkpoint import Checkpoint, load_model, load_weights, read_checkpoint, save_weights
 from .configs import CONFIGS, VAEConfig, get_config
+from .image_encoder import ImageEncoder, ImageEncoderConfig, load_image_encoder
 from .inputs import EncoderInputs, mesh_inputs, point_inputs
 from .upsample import PruningHead, SelfPruningUpsample, chunk_rows
 from .vae import (PruneOutput, SparseFlexDecoder, SparseFlexEncoder, SparseFlexVAE, VAEDecoding, kl_divergence,
                   occupancy_bce, pruning_bce)
 
 __all__ = [
-    "CONFIGS", "Checkpoint", "EncoderInputs", "PruneOutput", "PruningHead", "SelfPruningUpsample",
-    "SparseFlexDecoder", "SparseFlexEncoder", "SparseFlexVAE", "VAEConfig", "VAEDecoding", "chunk_rows",
-    "get_config", "jittered_voxels", "kl_divergence", "load_model", "load_weights", "mesh_inputs", "occupancy_bce",
-    "point_inputs", "pruning_bce", "read_checkpoint", "save_weights",
+    "CONFIGS", "Checkpoint", "EncoderInputs", "ImageEncoder", "ImageEncoderConfig", "PruneOutput", "PruningHead",
+    "SelfPruningUpsample", "SparseFlexDecoder", "SparseFlexEncoder", "SparseFlexVAE", "VAEConfig", "VAEDecoding",
+    "chunk_rows", "get_config", "jittered_voxels", "kl_divergence", "load_image_encoder", "load_model",
+    "load_weights", "mesh_inputs", "occupancy_bce", "point_inputs", "pruning_bce", "read_checkpoint", "save_weights",
 ]
