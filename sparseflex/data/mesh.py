@@ -11,8 +11,9 @@ import torch
 
 from ..errors import InputError, OptionError
 from ..io import atomic_path
+from .mesh_formats import read_triangles
 
-#: Extensions :func:`load_mesh` reads (through trimesh).
+#: Extensions :func:`load_mesh` reads.
 LOAD_FORMATS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 #: Extensions :func:`save_mesh` writes.
 SAVE_FORMATS = (".ply", ".obj")
@@ -83,10 +84,20 @@ def as_vertices_faces(mesh) -> tuple[torch.Tensor, torch.Tensor]:
 def load_mesh(path: str | os.PathLike) -> Mesh:
     """Read OBJ, PLY, STL, OFF or GLB/GLTF into one welded, clean triangle mesh (float32 vertices, CPU).
 
-    Scenes are flattened with their node transforms applied; vertices at the same position are merged (UV and
-    normal seams disappear); faces with a repeated vertex or zero area and unreferenced vertices are dropped.
-    Raises :class:`InputError` for a missing, empty, unreadable or unsupported file, a file without faces and
-    non-finite coordinates.
+    Polygons are fan-triangulated; scenes are flattened with their node transforms applied; vertices at the same
+    position are merged (UV and normal seams disappear); faces with a repeated vertex or zero area and unreferenced
+    vertices are dropped.
+
+    Validated, each failure an :class:`InputError` naming the file and the problem: the file exists, is not empty
+    and has a supported extension; header counts match the data exactly (OFF and PLY, ASCII and binary: no missing
+    rows, nothing left over; binary STL: size = 84 + 50 x triangles; GLB: its length and chunk sizes; glTF:
+    buffers, buffer views and accessors within the bytes they point into), so truncated files are caught and no
+    count is trusted before it is checked against the file size; ASCII STL is complete (every ``solid`` closed)
+    and OBJ lines are well formed; every face index lies within the vertices (no negative index in PLY/OFF/glTF;
+    OBJ's negative indices count back from the vertices defined above the face, and an OBJ index of 0, before the
+    first or after the last vertex is an error); numbers are numbers; faces have 3+ vertices; a glTF node tree has
+    no cycle; there are faces, with finite coordinates that fit float32. OBJ text loads in any encoding (only its
+    keywords and numbers are read, so comments, names and a missing .mtl do not matter).
     """
     p = Path(path)
     ext = p.suffix.lower()
@@ -99,47 +110,26 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
                          f"{', '.join(e[1:].upper() for e in LOAD_FORMATS)}")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty")
-    vertices, faces = _read_triangles(p, ext)
+    vertices, faces = read_triangles(p, ext)
     if len(faces) == 0:
         raise InputError(f"{p}: no triangle faces (a point cloud or empty geometry)")
     used = vertices[np.unique(faces)]
     if not np.isfinite(used).all():
         raise InputError(f"{p}: vertex coordinates contain NaN or infinity")
+    with np.errstate(over="ignore"):  # checked before cleaning, whose arithmetic would overflow (with warnings)
+        overflow = not np.isfinite(used.astype(np.float32)).all()
+    if overflow:
+        raise InputError(f"{p}: vertex coordinates overflow float32")
     vertices, faces = clean_triangles(vertices, faces)
     if len(faces) == 0:
         raise InputError(f"{p}: every face is degenerate (zero area)")
-    if not np.isfinite(vertices.astype(np.float32)).all():
-        raise InputError(f"{p}: vertex coordinates overflow float32")
     return Mesh(torch.from_numpy(vertices.astype(np.float32)), torch.from_numpy(faces))
-
-
-def _read_triangles(p: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
-    """All triangle geometry of the file in world coordinates (node transforms applied), concatenated."""
-    import trimesh
-
-    try:
-        scene = trimesh.load(p, force="scene", process=False)
-    except Exception as exc:  # trimesh raises anything from ValueError to struct.error on bad bytes
-        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise InputError(f"{p}: cannot read as {ext[1:].upper()} ({detail})") from None
-    vertices, faces, offset = [], [], 0
-    for node in scene.graph.nodes_geometry:
-        transform, name = scene.graph[node]
-        geom = scene.geometry.get(name)
-        if not isinstance(geom, trimesh.Trimesh) or len(geom.faces) == 0:
-            continue  # point clouds, paths
-        v = trimesh.transformations.transform_points(np.asarray(geom.vertices, dtype=np.float64), transform)
-        vertices.append(v)
-        faces.append(np.asarray(geom.faces, dtype=np.int64) + offset)
-        offset += len(v)
-    if not faces:
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
-    return np.concatenate(vertices), np.concatenate(faces)
 
 
 def clean_triangles(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weld vertices with identical float32 positions, drop degenerate faces and unreferenced vertices."""
-    v32 = np.ascontiguousarray(vertices, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0 before comparing bytes
+    with np.errstate(over="ignore"):  # an unused vertex past float32's range: inf, then dropped
+        v32 = np.ascontiguousarray(vertices, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0 before comparing
     _, first, inverse = np.unique(v32.view(np.dtype((np.void, 12))).ravel(), return_index=True, return_inverse=True)
     faces = inverse.reshape(-1)[faces]
     vertices = np.asarray(vertices, dtype=np.float64)[first]
