@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..errors import check_range
-from .common import add_overwrite, output_path, positive_int
+from .common import add_overwrite, metrics_points, number, output_path, seed_option
 
 
 def register(sub) -> None:
@@ -14,26 +13,27 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("input", help="mesh file (OBJ, PLY, STL, OFF, GLB/GLTF)")
     p.add_argument("-o", "--output", required=True, help="output mesh (.ply or .obj), in the input's coordinates")
-    p.add_argument("--resolution", type=positive_int, default=256, help="grid resolution R (8..2048, default 256)")
-    p.add_argument("--dilation", type=int, default=1, help="voxel dilation around the surface (0..4, default 1)")
-    p.add_argument("--points", type=positive_int, default=None, help="surface samples for the SDF (default: automatic)")
+    p.add_argument("--resolution", type=number(int, 8, 2048), default=256,
+                   help="grid resolution R (8..2048, default 256)")
+    p.add_argument("--dilation", type=number(int, 0, 4), default=1,
+                   help="voxel dilation around the surface (0..4, default 1)")
+    p.add_argument("--points", type=number(int, 1, 1 << 28), default=None,
+                   help="surface samples for the SDF (default: automatic)")
     p.add_argument("--no-thin-sheets", action="store_true",
                    help="do not keep plates and gaps thinner than a voxel (the plain oriented-point SDF)")
     p.add_argument("--no-metrics", action="store_true", help="skip the metrics against the input")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metrics-points", type=positive_int, default=300_000,
-                   help="samples per mesh for the metrics against the input (default 300,000)")
+    p.add_argument("--seed", type=seed_option, default=0)
+    p.add_argument("--metrics-points", type=metrics_points, default=300_000,
+                   help="samples per mesh for the metrics against the input (1,000..20,000,000, default 300,000)")
     add_overwrite(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..data.mesh import Mesh, load_mesh, normalize, save_mesh
+    from ..data.mesh import SAVE_FORMATS, Mesh, load_mesh, normalize, save_mesh
     from ..fit.convert import mesh_to_sparseflex
 
-    check_range("--resolution", args.resolution, 8, 2048)
-    check_range("--dilation", args.dilation, 0, 4)
-    out = output_path(args.output, args.overwrite)
+    out = output_path(args.output, args.overwrite, SAVE_FORMATS)
     start = time.perf_counter()
     mesh = load_mesh(args.input)
     normed, transform = normalize(mesh)

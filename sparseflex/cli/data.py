@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import positive_int
+from .common import new_dir, number, output_dir, output_path, positive_int, seed_option
 
 
 def register(sub) -> None:
@@ -18,42 +18,56 @@ def register(sub) -> None:
                        description="Per mesh: normalise, sample points with normals, latent voxels, occupancy per "
                                    "level, conditioning renders; one .npz per item plus manifest.jsonl and "
                                    "failures.json. Re-running skips finished items; shards write their own part "
-                                   "of the manifest and every run merges all parts it finds.")
+                                   "of the manifest and every run merges all parts it finds. A run locks its shard "
+                                   "of OUT_DIR (OUT_DIR/.lock-shard-I-of-N): a second run of the same shard into the "
+                                   "same folder stops at once with an error, while different shards run side by "
+                                   "side.")
     q.add_argument("input_dir", help="folder searched recursively for OBJ, PLY, STL, OFF, GLB, GLTF files")
-    q.add_argument("out_dir", help="output folder (created; an earlier run's folder is resumed)")
+    q.add_argument("out_dir", help="output folder (created; an earlier run's folder is resumed; any other folder "
+                                   "must be empty)")
     q.add_argument("--shard", default="0/1", help="I/N: prepare only files I, I+N, I+2N, ... of the sorted list")
-    q.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+    q.add_argument("--workers", type=number(int, 0, 4096), default=max(1, os.cpu_count() or 1),
                    help="worker processes (default: one per CPU; 0 = in this process, no timeout)")
-    q.add_argument("--points", type=positive_int, default=d.points, help=f"surface points (default {d.points:,})")
-    q.add_argument("--resolution", type=positive_int, default=d.resolution,
-                   help=f"latent voxel resolution R (default {d.resolution})")
-    q.add_argument("--levels", type=int, default=d.levels, help=f"occupancy levels 2R, 4R, ... (default {d.levels})")
-    q.add_argument("--views", type=int, default=d.views, help=f"conditioning renders (default {d.views}, 0: none)")
-    q.add_argument("--image-size", type=positive_int, default=d.image_size,
-                   help=f"render size in pixels (default {d.image_size})")
-    q.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help=f"share of items in the validation split (default {d.val_fraction})")
-    q.add_argument("--seed", type=int, default=d.seed)
-    q.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per mesh (default 600)")
+    q.add_argument("--points", type=number(int, 1, 1 << 26), default=d.points,
+                   help=f"surface points (default {d.points:,})")
+    q.add_argument("--resolution", type=number(int, 2, 4096), default=d.resolution,
+                   help=f"latent voxel resolution R (2..4096, default {d.resolution})")
+    q.add_argument("--levels", type=number(int, 0, 4), default=d.levels,
+                   help=f"occupancy levels 2R, 4R, ... (0..4, default {d.levels})")
+    q.add_argument("--views", type=number(int, 0, 64), default=d.views,
+                   help=f"conditioning renders (0..64, default {d.views}, 0: none)")
+    q.add_argument("--image-size", type=number(int, 16, 2048), default=d.image_size,
+                   help=f"render size in pixels (16..2048, default {d.image_size})")
+    q.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=d.val_fraction,
+                   help=f"share of items in the validation split, in [0, 1) (default {d.val_fraction})")
+    q.add_argument("--seed", type=seed_option, default=d.seed)
+    q.add_argument("--timeout", type=number(float, 0, low_open=True), default=600.0,
+                   help="seconds allowed per mesh (default 600)")
     q.add_argument("--retry-failed", action="store_true", help="try again the meshes an earlier run failed on")
     q.set_defaults(func=run_prepare)
 
     s = cmd.add_parser("stats", help="print a summary table and write a contact sheet of a prepared folder")
     s.add_argument("out_dir", help="a folder written by `sparseflex data prepare`")
-    s.add_argument("--sheet", default=None, help="contact sheet PNG (default OUT_DIR/contact_sheet.png)")
+    s.add_argument("--sheet", default=None,
+                   help="contact sheet PNG (default OUT_DIR/contact_sheet.png, which is replaced each time)")
     s.add_argument("--max-items", type=positive_int, default=64, help="items on the contact sheet (default 64)")
+    s.add_argument("--overwrite", action="store_true", help="replace the file given as --sheet if it exists")
     s.set_defaults(func=run_stats)
 
 
 def run_prepare(args) -> int:
-    from ..data.prepare import PrepareConfig, parse_shard, prepare_dataset
-    from ..errors import check_range
+    from ..data.prepare import PrepareConfig, check_input_dir, check_out_dir, in_use, parse_shard, prepare_dataset
 
-    check_range("--workers", args.workers, 0)
+    # everything the user gave is checked before anything is created
+    shard = parse_shard(args.shard)
     config = PrepareConfig(points=args.points, resolution=args.resolution, levels=args.levels, views=args.views,
                            image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction)
-    prepare_dataset(args.input_dir, args.out_dir, config, shard=parse_shard(args.shard), workers=args.workers,
-                    timeout=args.timeout, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True))
+    check_input_dir(args.input_dir)
+    out = check_out_dir(output_dir(args.out_dir))
+    # a folder made here is removed if the run fails, unless it holds finished items or another shard works in it
+    with new_dir(out, keep=lambda folder: any((folder / "parts").glob("*.jsonl")) or in_use(folder)):
+        prepare_dataset(args.input_dir, out, config, shard=shard, workers=args.workers, timeout=args.timeout,
+                        retry_failed=args.retry_failed, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -64,7 +78,12 @@ def run_stats(args) -> int:
     from ..data.prepare import read_config
     from ..data.report import contact_sheet
 
+    if args.sheet is not None:  # the user's file: checked before any work, never replaced without --overwrite
+        sheet = output_path(args.sheet, args.overwrite, (".png",))
+    else:
+        sheet = Path(args.out_dir) / "contact_sheet.png"
     config = read_config(args.out_dir)
+    output_dir(args.out_dir)  # merging rewrites the manifest
     ok, failed = manifest.merge(Path(args.out_dir), config.val_fraction, config.seed)
     rows = [("settings", f"points {config.points:,}, latent {config.resolution}^3, occupancy "
                          f"{', '.join(f'{r}^3' for r in config.occupancy_resolutions) or 'none'}, "
@@ -73,7 +92,6 @@ def run_stats(args) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     if ok:
-        sheet = Path(args.sheet) if args.sheet else Path(args.out_dir) / "contact_sheet.png"
         contact_sheet(args.out_dir, ok, sheet, max_items=args.max_items)
         print(f"contact sheet: {sheet}")
     return 0

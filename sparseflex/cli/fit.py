@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import check_device, positive_int, run_folder
+from .common import device_option, metrics_points, number, new_dir, run_folder, seed_option
 
 
 def register(sub) -> None:
@@ -15,22 +15,25 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("input", help="mesh file (OBJ, PLY, STL, OFF, GLB/GLTF)")
     p.add_argument("-o", "--output", required=True, help="output folder (mesh.ply, metrics.json, pictures, checkpoint)")
-    p.add_argument("--resolution", type=positive_int, default=256,
-                   help="final resolution, a power of two (default 256)")
-    p.add_argument("--start-resolution", type=positive_int, default=0,
-                   help="first stage's resolution for coarse-to-fine fitting "
-                        "(default: the final resolution, one stage)")
-    p.add_argument("--visibility-ratio", type=float, default=0.0,
-                   help="fraction of voxels each step extracts and renders "
-                        "(default: 1 up to 256, 0.3 at 512, 0.1 at 1024)")
-    p.add_argument("--iterations", type=int, default=600, help="optimisation steps over all stages (default 600)")
-    p.add_argument("--image-size", type=int, default=0,
-                   help="rendered image size in pixels (default: 256 up to resolution 512, 512 at 1024)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metrics-points", type=positive_int, default=300_000,
-                   help="samples per mesh for the metrics against the input (default 300,000)")
+    p.add_argument("--resolution", type=number(int, 8, 2048), default=256,
+                   help="final resolution, a power of two (8..2048, default 256)")
+    p.add_argument("--start-resolution", type=number(int, 0, 2048), default=0,
+                   help="first stage's resolution for coarse-to-fine fitting, a power of two "
+                        "(default 0: the final resolution, one stage)")
+    p.add_argument("--visibility-ratio", type=number(float, 0, 1), default=0.0,
+                   help="fraction of voxels each step extracts and renders, 0..1 "
+                        "(default 0: automatic, 1 up to 256, 0.3 at 512, 0.1 at 1024)")
+    p.add_argument("--iterations", type=number(int, 0, 10_000_000), default=600,
+                   help="optimisation steps over all stages (default 600)")
+    p.add_argument("--image-size", type=number(int, 0, 4096), default=0,
+                   help="rendered image size in pixels, 16..4096 "
+                        "(default 0: automatic, 256 up to resolution 512, 512 at 1024)")
+    p.add_argument("--checkpoint-every", type=number(int, 0), default=100,
+                   help="save OUTDIR/checkpoint.pt every this many steps (0: only at the end; default 100)")
+    p.add_argument("--device", type=device_option, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=seed_option, default=0)
+    p.add_argument("--metrics-points", type=metrics_points, default=300_000,
+                   help="samples per mesh for the metrics against the input (1,000..20,000,000, default 300,000)")
     p.add_argument("--resume", action="store_true", help="continue the fit saved in OUTDIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start again even if OUTDIR holds a previous fit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -38,24 +41,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-    from tqdm import tqdm
+    from ..data.mesh import load_mesh, normalize
+    from ..fit.fitter import FitConfig, load_checkpoint
 
-    from ..data.mesh import Mesh, load_mesh, normalize, save_mesh
-    from ..eval.metrics import mesh_metrics
-    from ..eval.resources import peak_memory_bytes
-    from ..fit.fitter import FitConfig, Fitter, load_checkpoint, save_checkpoint
-    from ..fit.report import comparison_image, loss_curve
-
+    # everything the user gave is checked before anything is created
     out = Path(args.output)
     ckpt = run_folder(out, args.resume, args.overwrite, "fit")
-    check_device(args.device)
-    out.mkdir(parents=True, exist_ok=True)
-
-    start = time.perf_counter()
-    mesh = load_mesh(args.input)
-    normed, transform = normalize(mesh)
-    normed = normed.to(args.device)
     if args.resume:
         state, config = load_checkpoint(ckpt, args.device)
         if args.iterations != config.iterations and args.iterations > state.step:
@@ -65,6 +56,25 @@ def run(args) -> int:
         config = FitConfig(resolution=args.resolution, start_resolution=args.start_resolution,
                            iterations=args.iterations, visibility_ratio=args.visibility_ratio,
                            image_size=args.image_size, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    start = time.perf_counter()
+    mesh = load_mesh(args.input)
+    normed, transform = normalize(mesh)
+    normed = normed.to(args.device)
+    with new_dir(out, keep=("checkpoint.pt",)):  # a new fit failing before its first checkpoint leaves nothing
+        return _fit(args, out, ckpt, config, state, mesh, normed, transform, start)
+
+
+def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..data.mesh import Mesh, save_mesh
+    from ..eval.metrics import mesh_metrics
+    from ..eval.resources import peak_memory_bytes
+    from ..fit.fitter import Fitter, save_checkpoint
+    from ..fit.report import comparison_image, loss_curve
+    from ..io import write_atomic
+
     fitter = Fitter(normed, config, state)
 
     bar = tqdm(total=config.iterations, initial=fitter.state.step, disable=args.quiet, unit="step",
@@ -99,7 +109,7 @@ def run(args) -> int:
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
         "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     comparison_image(normed.to("cpu"), {"fitted": fitted_normed.to("cpu")}, out / "comparison.png")
     loss_curve(fitter.state.history, out / "loss.png", title=f"sparseflex fit {Path(args.input).name}")
     print(json.dumps(report, indent=2))

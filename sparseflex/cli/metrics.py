@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import check_range
-from .common import positive_int
+from .common import metrics_points, seed_option
 
 
 def register(sub) -> None:
@@ -13,8 +12,9 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("pred", help="predicted mesh")
     p.add_argument("gt", help="ground-truth mesh")
-    p.add_argument("--points", type=positive_int, default=300_000, help="samples per mesh (default 300,000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--points", type=metrics_points, default=300_000,
+                   help="samples per mesh (1,000..20,000,000, default 300,000)")
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--no-ceiling", action="store_true", help="skip the ground truth against itself")
     p.set_defaults(func=run)
 
@@ -23,7 +23,6 @@ def run(args) -> int:
     from ..data.mesh import load_mesh
     from ..eval.metrics import mesh_metrics
 
-    check_range("--points", args.points, 1000, 20_000_000)
     result = mesh_metrics(load_mesh(args.pred), load_mesh(args.gt), num_points=args.points, seed=args.seed,
                           ceiling=not args.no_ceiling)
     print(json.dumps(result, indent=2))

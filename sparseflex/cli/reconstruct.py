@@ -11,7 +11,7 @@ import json
 import time
 
 from ..errors import OptionError, check_range
-from .common import add_overwrite, check_device, output_path, positive_int
+from .common import add_overwrite, check_device, device_option, metrics_points, output_path, positive_int, seed_option
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
     _model_options(p)
     _decode_options(p)
     p.add_argument("--no-metrics", action="store_true", help="skip the metrics against the input")
-    p.add_argument("--metrics-points", type=positive_int, default=300_000,
+    p.add_argument("--metrics-points", type=metrics_points, default=300_000,
                    help="samples per mesh for the metrics against the input (default 300,000)")
     add_overwrite(p)
     p.set_defaults(func=run_reconstruct)
@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output mesh (.ply or .obj)")
     p.add_argument("--checkpoint", required=True, help="VAE weights: TripoSF .safetensors or a training checkpoint")
     p.add_argument("--config", default=None, help="model config when the file names none (default triposf)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=device_option, default=None,
+                   help="torch device (default: cuda when available, else cpu)")
     _decode_options(p)
     add_overwrite(p)
     p.set_defaults(func=run_decode)
@@ -60,8 +61,9 @@ def _model_options(p) -> None:
                    help="OUTPUT resolution, the latent's times the upsampling factor (default: the config's)")
     p.add_argument("--points", type=positive_int, default=None,
                    help="surface samples fed to the encoder (default: 819,200 at latent 256, scaled by area)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=seed_option, default=0)
+    p.add_argument("--device", type=device_option, default=None,
+                   help="torch device (default: cuda when available, else cpu)")
 
 
 def _decode_options(p) -> None:
@@ -127,7 +129,7 @@ def run_encode(args) -> int:
     from ..data.mesh import load_mesh
     from ..pipelines.reconstruct import encode_mesh, save_latent
 
-    out = output_path(args.output, args.overwrite)
+    out = output_path(args.output, args.overwrite, (".safetensors",))
     start = time.perf_counter()
     mesh = load_mesh(args.input)
     model = _load(args)

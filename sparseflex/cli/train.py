@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OptionError
-from .common import check_device, positive_int, run_folder
+from .common import check_device, device_option, new_dir, number, run_folder, seed_option
 
 TASKS = ("vae",)
 
@@ -24,16 +24,19 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="prepared dataset directory (sparseflex data prepare)")
     p.add_argument("--split", default="train", choices=("train", "val", "all"), help="dataset split (default train)")
     p.add_argument("-o", "--output", required=True, help="run directory: checkpoint.pt, metrics.jsonl, loss.png")
-    p.add_argument("--steps", type=positive_int, help="total optimisation steps")
-    p.add_argument("--batch-size", type=positive_int, help="global batch size (split over torchrun processes)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--image-size", type=positive_int, help="rendered image size in pixels")
-    p.add_argument("--views-per-item", type=positive_int, help="cameras per item and step")
-    p.add_argument("--visibility-ratio", type=float, help="fraction of voxels each view's frustum section keeps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=number(int, 1, 1 << 40), help="total optimisation steps")
+    p.add_argument("--batch-size", type=number(int, 1, 1 << 20),
+                   help="global batch size (split over torchrun processes)")
+    p.add_argument("--lr", type=number(float, 0, 1, low_open=True), help="peak learning rate, in (0, 1]")
+    p.add_argument("--image-size", type=number(int, 16, 4096), help="rendered image size in pixels (16..4096)")
+    p.add_argument("--views-per-item", type=number(int, 1, 1024), help="cameras per item and step (1..1024)")
+    p.add_argument("--visibility-ratio", type=number(float, 0, 1, low_open=True),
+                   help="fraction of voxels each view's frustum section keeps, in (0, 1]")
+    p.add_argument("--seed", type=seed_option)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any training config field, e.g. --set loss.kl=1e-5 (repeatable)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=device_option, default=None,
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start again even if RUN_DIR holds a previous run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,13 +77,15 @@ def run(args) -> int:
     dataset = PreparedDataset(data, split=args.split)
     if len(dataset) == 0:
         raise OptionError(f"{data} holds no items in split {args.split!r}")
-    trainer = Trainer(VAETask(config), dataset, config, out, device=device, resume=args.resume, quiet=args.quiet)
-    try:
-        trainer.run()
-    except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.step}; resume with: sparseflex train {args.task} --data {data} "
-              f"-o {out} --resume", file=sys.stderr)
-        return 130
+    with new_dir(out, keep=("checkpoint.pt",)):  # a new run failing before its first checkpoint leaves nothing
+        trainer = Trainer(VAETask(config), dataset, config, out, device=device, resume=args.resume,
+                          quiet=args.quiet)
+        try:
+            trainer.run()
+        except KeyboardInterrupt:
+            print(f"interrupted at step {trainer.step}; resume with: sparseflex train {args.task} --data {data} "
+                  f"-o {out} --resume", file=sys.stderr)
+            return 130
     if trainer.rank == 0:
         last = (trainer.history() or [{}])[-1]
         print(json.dumps({"run": str(out), "steps": trainer.step, "epochs": trainer.epoch,

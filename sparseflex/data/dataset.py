@@ -27,6 +27,9 @@ class PreparedDataset(torch.utils.data.Dataset):
     resolution of ``levels``; ``vertices`` float32 [V, 3] and ``faces`` int64 [F, 3] (the normalised mesh); with
     ``with_images`` also ``images`` uint8 [V, S, S, 4] (RGBA) and ``cameras`` (a
     :class:`~sparseflex.render.camera.Camera` batch).
+
+    A manifest line naming a file outside ``root`` (an absolute path, ``..``) raises
+    :class:`~sparseflex.errors.InputError` when the dataset is opened.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", with_images: bool = False):
@@ -43,7 +46,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        return {"name": record["name"], **load_item(self.root / record["file"], self.with_images)}
+        return {"name": record["name"], **load_item(manifest.item_path(self.root, record), self.with_images)}
 
 
 def collate(items: list[dict]) -> dict:

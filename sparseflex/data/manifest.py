@@ -20,14 +20,17 @@ import hashlib
 import json
 import os
 import statistics
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from ..errors import InputError
 from ..io import write_atomic
 
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.json"
 PARTS = "parts"
 ITEMS = "items"
+
+
 def stable_unit(text: str) -> float:
     """A number in [0, 1) fixed by ``text`` alone (same on every machine and Python run)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0 ** 64
@@ -46,16 +49,43 @@ def append_record(part: Path, record: dict) -> None:
         os.fsync(out.fileno())
 
 
+def item_path(root: Path, record: dict, where: str | os.PathLike | None = None) -> Path:
+    """``root / record["file"]``, after checking that the file named stays inside ``root``: a relative path
+    without ``..`` (a manifest is data, and must not make us read or test files elsewhere). Raises
+    :class:`~sparseflex.errors.InputError` naming ``where`` (default ``root/manifest.jsonl``) otherwise."""
+    file = record.get("file")
+    where = where if where is not None else Path(root) / MANIFEST
+    if not isinstance(file, str) or not file.strip():
+        raise InputError(f"{where}: item {record.get('name')!r} names no file")
+    posix, windows = PurePosixPath(file), PureWindowsPath(file)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise InputError(f"{where}: item {record.get('name')!r} points outside the folder ({file!r}); only paths "
+                         f"inside {root} are allowed")
+    return Path(root) / posix
+
+
+def _check_record(rec, root: Path, where: str) -> dict:
+    """A record as read from a part or the manifest: a JSON object with a name and a status, and for a prepared
+    item a file inside ``root``."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str) or "status" not in rec:
+        raise InputError(f"{where}: not a record of `sparseflex data prepare` (a JSON object with name and status)")
+    if rec["status"] == "ok":
+        item_path(root, rec, where)
+    return rec
+
+
 def read_records(root: Path) -> dict[str, dict]:
     """The latest record of every item over all parts (a later line overrides an earlier one of the same part;
-    across parts, a success beats a failure)."""
+    across parts, a success beats a failure). A record naming a file outside ``root`` raises
+    :class:`~sparseflex.errors.InputError`."""
     records: dict[str, dict] = {}
     for part in sorted((Path(root) / PARTS).glob("*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn last line of an interrupted run
+            _check_record(rec, root, f"{part}, line {number}")
             old = records.get(rec["name"])
             if old is None or old.get("part") == part.name or rec["status"] == "ok":
                 records[rec["name"]] = {**rec, "part": part.name}
@@ -93,9 +123,19 @@ def merge(root: Path, val_fraction: float, seed: int = 0) -> tuple[list[dict], l
 
 
 def read_manifest(root: Path) -> list[dict]:
-    """The records of ``manifest.jsonl``."""
-    text = (Path(root) / MANIFEST).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The records of ``manifest.jsonl``; a line that is not a record, or one naming a file outside ``root``,
+    raises :class:`~sparseflex.errors.InputError`."""
+    path = Path(root) / MANIFEST
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path}, line {number}: not valid JSON") from None
+        records.append(_check_record(rec, root, f"{path}, line {number}"))
+    return records
 
 
 def summarize(ok: list[dict], failed: list[dict]) -> list[tuple[str, str]]:

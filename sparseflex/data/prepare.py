@@ -8,16 +8,18 @@ number comes from a generator seeded by the item's name, so an item is the same 
 
 :func:`prepare_dataset` runs that over a sorted file list (every N-th file from the I-th for ``shard=(I, N)``), in
 worker processes with a timeout per item, skips what an earlier run finished, and records everything in the
-manifest (:mod:`sparseflex.data.manifest`).
+manifest (:mod:`sparseflex.data.manifest`). A run locks its shard of the output folder (:func:`shard_lock`), so two
+runs of one shard never do the same work twice; different shards of one folder run side by side.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -155,12 +157,18 @@ class Source:
     path: Path
 
 
-def list_sources(input_dir: str | os.PathLike) -> list[Source]:
-    """Every mesh file under ``input_dir`` (recursively), sorted by relative path. The name is the relative path
-    with ``/`` replaced by ``__``."""
+def check_input_dir(input_dir: str | os.PathLike) -> Path:
+    """``input_dir`` as a Path, after checking it is a folder."""
     root = Path(input_dir)
     if not root.is_dir():
         raise InputError(f"{root}: not a directory")
+    return root
+
+
+def list_sources(input_dir: str | os.PathLike) -> list[Source]:
+    """Every mesh file under ``input_dir`` (recursively), sorted by relative path. The name is the relative path
+    with ``/`` replaced by ``__``."""
+    root = check_input_dir(input_dir)
     paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in LOAD_FORMATS and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
@@ -232,6 +240,73 @@ def check_config(root: Path, config: PrepareConfig) -> None:
         manifest.write_atomic(path, (json.dumps(wanted, indent=1, sort_keys=True) + "\n").encode())
 
 
+#: What a prepared directory may hold before its config.json is written (besides the locks).
+_EARLY_ENTRIES = {manifest.PARTS, manifest.ITEMS}
+LOCK_PREFIX = ".lock-"
+
+
+def check_out_dir(root: str | os.PathLike) -> Path:
+    """Refuse an output folder that is a file, or a non-empty folder that is not a prepared dataset (its files
+    would be mixed with ours, its manifest.jsonl replaced); return it as a Path."""
+    root = Path(root)
+    if os.path.lexists(root) and not root.is_dir():
+        raise OptionError(f"{root} exists and is not a folder")
+    if root.is_dir() and not (root / CONFIG).exists():  # not (yet) a prepared dataset: empty but for our start
+        foreign = sorted(e.name for e in root.iterdir() if e.name not in _EARLY_ENTRIES and not e.name.startswith("."))
+        if foreign:
+            raise OptionError(f"{root} is not empty and not a prepared dataset (it holds {foreign[0]!r}); give a new "
+                              "or empty output folder")
+    return root
+
+
+def in_use(root: Path) -> bool:
+    """Whether a prepare run (of any shard) holds its lock in ``root``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux / macOS
+        return False
+    for lock in Path(root).glob(f"{LOCK_PREFIX}*"):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+@contextmanager
+def shard_lock(root: Path, shard: tuple[int, int]):
+    """Hold an exclusive lock on this shard of ``root`` (``root/.lock-shard-I-of-N``, ``fcntl.flock``, released
+    when the process ends however it ends) for the whole run: a second run of the same shard into the same folder
+    fails at once instead of doing all the work again. Different shards of one folder still run side by side, on
+    one machine or several sharing it (flock works over NFS on Linux). Without ``fcntl`` (Windows) nothing is
+    locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux / macOS
+        yield
+        return
+    path = root / f"{LOCK_PREFIX}{manifest.part_path(root, *shard).stem}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            which = f" of shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
+            raise OptionError(f"{root} is in use by another prepare run{which} (pid {pid})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(), shard: tuple[int, int] = (0, 1),
                     workers: int = 1, timeout: float | None = 600.0, retry_failed: bool = False,
                     log: Callable[[str], None] = print) -> PrepareResult:
@@ -239,13 +314,39 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
 
     Items that an earlier run prepared (or failed on, unless ``retry_failed``) are skipped. Never raises for one
     bad mesh: it is recorded with its reason. Ends by merging the manifest of all shards found in ``out_dir``.
+    A run holds a lock on its shard of ``out_dir`` (:func:`shard_lock`): a second run of the same shard into the
+    same folder raises :class:`~sparseflex.errors.OptionError` while the first is running.
     """
     if timeout is not None:
         check_range("--timeout", timeout, 0, low_open=True)
     sources = select_shard(list_sources(input_dir), *shard)
     root = Path(out_dir)
-    (root / manifest.ITEMS).mkdir(parents=True, exist_ok=True)
-    check_config(root, config)
+    check_out_dir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with shard_lock(root, shard):
+        check_config(root, config)
+        (root / manifest.ITEMS).mkdir(exist_ok=True)
+        return _prepare(sources, Path(input_dir), root, config, shard, workers, timeout, retry_failed, log)
+
+
+def _remove_temporaries(items: Path, names: set[str]) -> None:
+    """Delete the temporary files of the items ``names`` (``.NAME.XXXXXXXX.tmp.npz``, see
+    :func:`sparseflex.io.atomic_path`) that a killed worker left in ``items``; this run holds the lock of their
+    shard, so no one else is writing them."""
+    if not names:
+        return
+    for entry in os.scandir(items):
+        m = _TEMPORARY.fullmatch(entry.name)
+        if m and m.group(1) in names:
+            Path(entry.path).unlink(missing_ok=True)
+
+
+#: The temporary name atomic_path gives an item file (mkstemp adds 8 random characters).
+_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp\.npz")
+
+
+def _prepare(sources, input_dir: Path, root: Path, config: PrepareConfig, shard, workers, timeout, retry_failed,
+             log) -> PrepareResult:
     part = manifest.part_path(root, *shard)
     earlier = manifest.read_records(root)
 
@@ -254,10 +355,11 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
         if rec is None:
             return False
         if rec["status"] == "ok":
-            return (root / rec["file"]).exists()
+            return manifest.item_path(root, rec).exists()
         return not retry_failed
 
     todo = [s for s in sources if not finished(s)]
+    _remove_temporaries(root / manifest.ITEMS, {s.name for s in todo})
     result = PrepareResult(skipped=len(sources) - len(todo))
     if result.skipped:
         log(f"skipping {result.skipped} of {len(sources)} items finished by an earlier run")
@@ -266,7 +368,7 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
     try:
         for done, res in enumerate(run_tasks(_prepare_task, tasks, workers, timeout, _init_worker), 1):
             s = todo[res.index]
-            record = {"name": s.name, "source": s.path.relative_to(Path(input_dir)).as_posix()}
+            record = {"name": s.name, "source": s.path.relative_to(input_dir).as_posix()}
             if res.ok:
                 record.update(status="ok", file=f"{manifest.ITEMS}/{s.name}.npz", **res.value)
                 result.prepared += 1
@@ -274,8 +376,7 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
                     f"{record['seconds']:.1f} s")
             else:
                 record.update(status="failed", reason=res.value)
-                for tmp in (root / manifest.ITEMS).glob(f".{glob.escape(s.name)}.npz.*.tmp"):  # left by a killed worker
-                    tmp.unlink(missing_ok=True)
+                _remove_temporaries(root / manifest.ITEMS, {s.name})  # left by a killed worker
                 Path(tasks[res.index][1]).unlink(missing_ok=True)  # written by a task that finished too late
                 result.failed += 1
                 result.failures.append(record)

@@ -10,7 +10,9 @@ never counts against a task's timeout.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from ..errors import SparseFlexError
 
 #: Seconds between checks of running tasks' deadlines.
 POLL = 0.2
+#: Seconds between a worker's checks that its parent still lives.
+PARENT_POLL = 0.5
 
 
 @dataclass
@@ -37,21 +41,35 @@ def describe(exc: Exception) -> str:
     return text if isinstance(exc, SparseFlexError) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: end the process, quietly, once the parent that started it is gone (killed with SIGKILL, it
+    could not stop its workers), instead of finishing a task nobody will collect."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os._exit(0)
+
+
 def _worker_main(fn: Callable, initializer: Callable | None, conn) -> None:
+    """A worker's loop: run the tasks the parent sends until it sends ``None``. A worker whose parent is gone
+    (killed, or ended without stopping it) has no one to report to: it exits quietly, without a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the workers
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if initializer is not None:
         initializer()
-    conn.send(("ready", None))
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        index, task = msg
-        try:
-            result = (index, True, fn(task))
-        except Exception as exc:  # one bad task never ends the worker
-            result = (index, False, describe(exc))
-        conn.send(("done", result))
+    try:
+        conn.send(("ready", None))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            index, task = msg
+            try:
+                result = (index, True, fn(task))
+            except Exception as exc:  # one bad task never ends the worker
+                result = (index, False, describe(exc))
+            conn.send(("done", result))
+    except (EOFError, OSError):  # the parent closed its end or died (BrokenPipeError, ConnectionResetError, ...)
+        return
 
 
 @dataclass
