@@ -178,7 +178,12 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
         vertices = torch.cat([dual_pos, centre], 0)
         vertex_batch = torch.cat([coords[dual_voxel, 0], coords[dual_voxel[quads[:, 0]], 0]])
     else:
-        split02 = (g[:, 0] * g[:, 2] >= g[:, 1] * g[:, 3])[:, None, None]
+        # Along the diagonal with the larger gamma product (slots 0-2 join the voxels at (-,-) and (+,+)). On a
+        # tie (saturated or default weights) the reference FlexiCubes and the TripoSF release take (-,-)/(+,+)
+        # unless the SDF at the edge's first corner (SPEC edge order) is positive.
+        g02, g13 = g[:, 0] * g[:, 2], g[:, 1] * g[:, 3]
+        s_first = s0[quad_entries[:, 0]]
+        split02 = ((g02 > g13) | ((g02 == g13) & (s_first <= 0)))[:, None, None]
         tri02 = quads[:, [[0, 1, 2], [0, 2, 3]]]
         tri13 = quads[:, [[0, 1, 3], [1, 2, 3]]]
         faces = torch.where(split02, tri02, tri13).reshape(-1, 3)

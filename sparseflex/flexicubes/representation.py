@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from ..sparse.coords import CORNER_OFFSETS, VoxelHash, batched, corner_lattice, dilate, subdivide
+from ..sparse.coords import CORNER_OFFSETS, VoxelHash, batched, coords_to_keys, corner_lattice, dilate, subdivide
 from .extract import Extraction, extract_surface
 
 HEAD_CHANNELS = 53
@@ -18,6 +18,16 @@ def activate_weight(kind: str, raw: torch.Tensor) -> torch.Tensor:
     if kind == "gamma":
         return torch.sigmoid(raw) * 0.99 + 0.005
     return torch.tanh(raw) * 0.99 + 1
+
+
+def last_row_per_voxel(coords: torch.Tensor) -> torch.Tensor:
+    """Rows of ``coords [N, 4]`` that are the last occurrence of their voxel, in increasing order."""
+    keys = coords_to_keys(coords)
+    order = torch.sort(keys, stable=True).indices
+    ks = keys[order]
+    last = torch.ones_like(ks, dtype=torch.bool)
+    last[:-1] = ks[1:] != ks[:-1]
+    return order[last].sort().values
 
 
 def max_displacement(resolution: int) -> float:
@@ -62,11 +72,14 @@ class SparseFlex:
         return cls(coords, resolution, corners, voxel_corners, sdf, zeros(nc, 3), zeros(n, 8), zeros(n, 12), zeros(n))
 
     @classmethod
-    def from_head(cls, coords: torch.Tensor, resolution: int, head: torch.Tensor) -> "SparseFlex":
+    def from_head(cls, coords: torch.Tensor, resolution: int, head: torch.Tensor,
+                  repeated_voxels: bool = False) -> "SparseFlex":
         """Build from a network's 53-channel head output per voxel (release layout and activations).
 
         Shared corners take the mean over the voxels touching them; ``consistency`` holds the MSE between each
-        voxel's own prediction and that mean.
+        voxel's own prediction and that mean. With ``repeated_voxels`` a voxel may come in several rows (the
+        release's chunked decoding): every row enters the corner means, and the voxel keeps the FlexiCubes weights
+        of its LAST row, as the release's scatter does.
         """
         if head.shape[-1] != HEAD_CHANNELS:
             raise ValueError(f"head must have {HEAD_CHANNELS} channels, got {head.shape[-1]}")
@@ -80,6 +93,9 @@ class SparseFlex:
         count = head.new_zeros(len(corners)).index_add(0, flat_idx, head.new_ones(len(flat_idx)))
         shared = total / count[:, None]
         consistency = ((per_voxel - shared[voxel_corners]) ** 2).mean() if len(head) else head.new_zeros(())
+        if repeated_voxels:
+            rows = last_row_per_voxel(coords)
+            coords, voxel_corners, head = coords[rows], voxel_corners[rows], head[rows]
         return cls(coords, resolution, corners, voxel_corners, shared[:, 0], shared[:, 1:],
                    head[:, _ALPHA], head[:, _BETA], head[:, 52], consistency)
 

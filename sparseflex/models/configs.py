@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import OptionError
+
+#: Rules for growing the input points into active latent voxels (see :meth:`VAEConfig.input_jitter`).
+DILATIONS = ("fine", "release")
 
 
 @dataclass
@@ -32,6 +36,9 @@ class VAEConfig:
     upsample_channels: tuple[int, ...] = (192, 96)
     norm_groups: int = 32
     use_checkpoint: bool = False
+    # inference conventions, stored with a model's weights (no weight depends on them)
+    prune: bool = True               # decoding drops children whose pruning logit is < 0 (the release keeps all)
+    voxel_dilation: str = "fine"     # input voxels: points grown by one output voxel, or the release's 1/(fR - 1)
 
     def __post_init__(self):
         self.upsample_channels = tuple(int(c) for c in self.upsample_channels)
@@ -43,6 +50,8 @@ class VAEConfig:
                 raise OptionError(f"channels {c} must be divisible by norm_groups ({self.norm_groups})")
         if self.latent_resolution < 1 or not self.upsample_channels:
             raise OptionError("a VAE needs latent_resolution >= 1 and at least one upsampling module")
+        if self.voxel_dilation not in DILATIONS:
+            raise OptionError(f"voxel_dilation must be one of {', '.join(DILATIONS)}; got {self.voxel_dilation!r}")
 
     @property
     def upsample_factor(self) -> int:
@@ -51,6 +60,13 @@ class VAEConfig:
     @property
     def output_resolution(self) -> int:
         return self.latent_resolution * self.upsample_factor
+
+    def input_jitter(self, resolution: int) -> float:
+        """How far (in latent voxels, per axis) surface points are grown to find the active latent voxels at
+        ``resolution``: one output voxel (``1/f``), or the release's ``1/(f R - 1)`` in normalised units (its 27
+        offsets {-1, 0, 1}^3 reach the same voxels as the whole box), 256/1023 of a latent voxel at R = 256."""
+        f = self.upsample_factor
+        return 1.0 / f if self.voxel_dilation == "fine" else resolution / (f * resolution - 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,8 +83,8 @@ class VAEConfig:
 
 
 CONFIGS = {
-    # the public release: 256^3 in, 1024^3 out, 178,833,479 parameters
-    "triposf": VAEConfig(),
+    # the public release: 256^3 in, 1024^3 out, 178,833,479 parameters; its inference keeps every child
+    "triposf": VAEConfig(prune=False, voxel_dilation="release"),
     # CPU-sized: the same architecture, narrower and shallower
     "small": VAEConfig(latent_resolution=32, pointnet_hidden=64, pointnet_blocks=3, pointnet_channels=256,
                        model_channels=128, num_heads=4, encoder_blocks=4, decoder_blocks=4,
@@ -84,3 +100,20 @@ def get_config(name: str, **overrides) -> VAEConfig:
     if name not in CONFIGS:
         raise OptionError(f"unknown VAE config {name!r}; choose one of {', '.join(CONFIGS)}")
     return VAEConfig.from_dict({**CONFIGS[name].to_dict(), **overrides})
+
+
+def read_config(name_or_path: str) -> VAEConfig:
+    """A named config (:func:`get_config`) or one read from a JSON file of :class:`VAEConfig` fields."""
+    if not str(name_or_path).lower().endswith(".json"):
+        return get_config(name_or_path)
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{name_or_path}: cannot read the VAE config ({exc})".splitlines()[0]) from None
+    if not isinstance(d, dict):
+        raise OptionError(f"{name_or_path}: a VAE config is a JSON object of VAEConfig fields")
+    try:
+        return VAEConfig.from_dict(d)
+    except TypeError as exc:  # a field of the wrong kind (a list where a number belongs, ...)
+        raise OptionError(f"{name_or_path}: {exc}") from None

@@ -2,7 +2,7 @@
 
 Each voxel becomes its 8 children (features copied), a residual stack of submanifold convolutions refines them and
 a pruning head scores every child; children scoring below 0 are dropped (or, in training, the children the ground
-truth does not occupy). State-dict names follow the TripoSF checkpoint: ``act_layers.0`` (GroupNorm on the input),
+truth does not occupy; or, with pruning off as in the TripoSF release's inference, none). State-dict names follow the TripoSF checkpoint: ``act_layers.0`` (GroupNorm on the input),
 ``out_layers.0`` / ``.1`` / ``.3`` (conv, GroupNorm, zero-initialised conv), ``skip_connection``,
 ``pruning_head.mlp.0`` / ``.2``.
 """
@@ -27,12 +27,13 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class PruningHead(nn.Module):
-    """Occupancy logit per voxel: ``Linear(C, 4C) -> GELU -> Linear(4C, 1)``, the last layer zero-initialised (a fresh
-    head scores 0, which keeps every child)."""
+    """Occupancy logit per voxel: ``Linear(C, 4C) -> GELU (tanh approximation, as the release) -> Linear(4C, 1)``, the
+    last layer zero-initialised (a fresh head scores 0, which keeps every child)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), zero_init(nn.Linear(4 * channels, 1)))
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(approximate="tanh"),
+                                 zero_init(nn.Linear(4 * channels, 1)))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.mlp(feats).squeeze(1)
@@ -66,23 +67,33 @@ class SelfPruningUpsample(nn.Module):
         h = fine.replace(self.act_layers(x).feats.repeat_interleave(8, dim=0))
         return (self.out_layers(h) + self.skip_connection(fine)).feats
 
-    def forward(self, x: SparseTensor, target: torch.Tensor | None = None
+    def forward(self, x: SparseTensor, target: torch.Tensor | None = None, prune: bool = True
                 ) -> tuple[SparseTensor, torch.Tensor, torch.Tensor]:
         """Returns the kept children, and the coordinates ``[8N, 4]`` and logits ``[8N]`` of every candidate child.
 
         With ``target [M, 4]`` (ground-truth occupied voxels at the children's resolution) the children in it are
-        kept (teacher forcing); otherwise those with logit >= 0.
+        kept (teacher forcing); otherwise those with logit >= 0, or all of them when ``prune`` is off.
         """
         h = self.children_features(x)
         logits = self.pruning_head(h.feats)
-        keep = VoxelHash(target).lookup(h.coords) >= 0 if target is not None else logits.detach() >= 0
-        return h.select(keep), h.coords, logits
+        if target is not None:
+            return h.select(VoxelHash(target).lookup(h.coords) >= 0), h.coords, logits
+        if not prune:
+            return h, h.coords, logits
+        return h.select(logits.detach() >= 0), h.coords, logits
+
+    @torch.no_grad()
+    def infer(self, x: SparseTensor, prune: bool = True) -> SparseTensor:
+        """The kept children of :meth:`forward` at inference (no pruning head is evaluated when ``prune`` is off)."""
+        h = self.children_features(x)
+        return h.select(self.pruning_head(h.feats) >= 0) if prune else h
 
     # -- chunked inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward_chunked(self, x: SparseTensor, side: int,
-                        post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SparseTensor:
-        """The kept children of :meth:`forward` (inference pruning), computed ``side^3`` input voxels at a time.
+                        post: Callable[[torch.Tensor], torch.Tensor] | None = None, prune: bool = True
+                        ) -> SparseTensor:
+        """The kept children of :meth:`infer`, computed ``side^3`` input voxels at a time.
 
         Each chunk is extended by a halo of one input voxel, enough for the two 3^3 convolutions of the children;
         the inner GroupNorm, whose statistics span the whole sample, gets them from a first pass over the chunks.
@@ -104,7 +115,9 @@ class SelfPruningUpsample(nn.Module):
             a = self.out_layers[0](fine.replace(act.feats[rows].repeat_interleave(8, dim=0)))
             a = a.replace(_group_normalise(a.feats, a.coords[:, 0], mean, var, norm))
             h = self.out_layers[3](self.out_layers[2](a)) + self.skip_connection(fine)
-            keep = core.repeat_interleave(8) & (self.pruning_head(h.feats) >= 0)
+            keep = core.repeat_interleave(8)
+            if prune:
+                keep &= self.pruning_head(h.feats) >= 0
             coords.append(h.coords[keep])
             feats.append(h.feats[keep] if post is None else post(h.feats[keep]))
         if not coords:  # no voxels at all: the empty result still has the right width

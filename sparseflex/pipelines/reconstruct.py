@@ -7,6 +7,7 @@ the metadata).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -54,23 +55,43 @@ def _device(model: SparseFlexVAE) -> torch.device:
     return next(model.parameters()).device
 
 
+#: Numeric precisions of inference: float32, or float16 autocast (CUDA only, as the release runs).
+PRECISIONS = ("fp32", "fp16")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise OptionError("fp16 inference needs a CUDA device (on the CPU float32 is the fast path)")
+    return torch.autocast("cuda", dtype=torch.float16)
+
+
 @torch.no_grad()
 def encode_mesh(model: SparseFlexVAE, mesh: Mesh, num_points: int | None = None, seed: int = 0,
-                resolution: int | None = None) -> Latent:
-    """The latent mean of ``mesh`` (any coordinates; normalised here) at ``resolution`` (default: the config's)."""
+                resolution: int | None = None, sample: bool = False, precision: str = "fp32") -> Latent:
+    """The latent of ``mesh`` (any coordinates; normalised here) at ``resolution`` (default: the config's): the
+    posterior mean, or with ``sample`` a posterior sample (the release's inference) drawn from ``seed``."""
     r = resolution or model.config.latent_resolution
     normed, transform = normalize(mesh)
-    inp = mesh_inputs(normed, r, num_points or default_num_points(r), seed,
-                      jitter=1.0 / model.config.upsample_factor)  # about one voxel of the output resolution
+    inp = mesh_inputs(normed, r, num_points or default_num_points(r), seed, jitter=model.config.input_jitter(r))
     dev = _device(model)
-    mean, _ = model.encode(inp.points.to(dev), inp.normals.to(dev), inp.point_batch.to(dev), inp.coords.to(dev), r)
-    return Latent(mean.coords[:, 1:], mean.feats, r, transform)
+    with autocast(dev, precision):
+        mean, logvar = model.encode(inp.points.to(dev), inp.normals.to(dev), inp.point_batch.to(dev),
+                                    inp.coords.to(dev), r)
+    z = model.sample(mean, logvar, torch.Generator().manual_seed(seed)) if sample else mean
+    return Latent(z.coords[:, 1:], z.feats.float(), r, transform)
 
 
 @torch.no_grad()
-def decode_latent(model: SparseFlexVAE, latent: Latent, chunk_size: int | None = None) -> Reconstruction:
-    """Decode to a SparseFlex and extract its mesh. ``chunk_size`` (latent voxels per axis) bounds the memory of the
-    upsampling at high resolution; the result equals unchunked decoding up to rounding."""
+def decode_latent(model: SparseFlexVAE, latent: Latent, chunk_size: int | None = None, prune: bool | None = None,
+                  chunking: str = "whole", precision: str = "fp32") -> Reconstruction:
+    """Decode to a SparseFlex and extract its mesh (see :meth:`SparseFlexVAE.decode` for ``prune`` and
+    ``chunking``). ``chunk_size`` (latent voxels per axis) bounds the memory of whole-sample decoding at high
+    resolution; the result equals unchunked decoding up to rounding. Extraction always runs in float32."""
     c = model.config.latent_channels
     if latent.feats.dim() != 2 or latent.feats.shape[1] != c or len(latent.feats) != len(latent.coords):
         raise InputError(f"latent features {tuple(latent.feats.shape)} do not fit this model ({c} channels per voxel)")
@@ -82,7 +103,10 @@ def decode_latent(model: SparseFlexVAE, latent: Latent, chunk_size: int | None =
     z = SparseTensor(batched(latent.coords.to(dev)), latent.feats.to(dev, torch.float32), 1)
     if chunk_size is not None and chunk_size >= latent.resolution:
         chunk_size = None  # one chunk: plain decoding is the same and faster
-    decoding = model.decode(z, resolution=latent.resolution, chunk_size=chunk_size)
+    with autocast(dev, precision):
+        decoding = model.decode(z, resolution=latent.resolution, chunk_size=chunk_size, prune=prune,
+                                chunking=chunking)
+    decoding.head = decoding.head.float()
     sf = decoding.sparseflex(0)
     ex = sf.extract()
     vertices = ex.vertices if latent.transform is None else latent.transform.invert(ex.vertices)
@@ -91,11 +115,13 @@ def decode_latent(model: SparseFlexVAE, latent: Latent, chunk_size: int | None =
 
 def reconstruct(model: SparseFlexVAE, mesh: Mesh, num_points: int | None = None, seed: int = 0,
                 resolution: int | None = None, chunk_size: int | None = None, metrics: bool = True,
-                metrics_points: int = 300_000) -> Reconstruction:
+                metrics_points: int = 300_000, prune: bool | None = None, chunking: str = "whole",
+                sample: bool = False, precision: str = "fp32") -> Reconstruction:
     """Encode and decode ``mesh``; with ``metrics``, the result's Chamfer / F-score / normal consistency against it
-    (:func:`sparseflex.eval.metrics.mesh_metrics`)."""
-    latent = encode_mesh(model, mesh, num_points, seed, resolution)
-    result = decode_latent(model, latent, chunk_size)
+    (:func:`sparseflex.eval.metrics.mesh_metrics`). ``sample``, ``prune``, ``chunking`` and ``precision`` as in
+    :func:`encode_mesh` and :func:`decode_latent`."""
+    latent = encode_mesh(model, mesh, num_points, seed, resolution, sample, precision)
+    result = decode_latent(model, latent, chunk_size, prune, chunking, precision)
     if metrics:
         from ..eval.metrics import mesh_metrics
         result.metrics = mesh_metrics(result.mesh, mesh, num_points=metrics_points, seed=seed)
