@@ -2,6 +2,11 @@
 
 from .reconstruct import (Latent, Reconstruction, decode_latent, default_num_points, encode_mesh, load_latent,
                           reconstruct, save_latent)
+from .samplers import (classifier_free_guidance, euler_sample, gaussian_noise, guidance_interval, guided_velocity,
+                       model_velocity, shift_time, time_grid)
 
-__all__ = ["Latent", "Reconstruction", "decode_latent", "default_num_points", "encode_mesh", "load_latent",
-           "reconstruct", "save_latent"]
+__all__ = [
+    "Latent", "Reconstruction", "classifier_free_guidance", "decode_latent", "default_num_points", "encode_mesh",
+    "euler_sample", "gaussian_noise", "guidance_interval", "guided_velocity", "load_latent", "model_velocity",
+    "reconstruct", "save_latent", "shift_time", "time_grid",
+]
