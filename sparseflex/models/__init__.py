@@ -7,6 +7,8 @@ from .configs import CONFIGS, VAEConfig, get_config, read_config
 from .flow import FlowLoss, RectifiedFlow
 from .image_encoder import ImageEncoder, ImageEncoderConfig, load_image_encoder
 from .inputs import EncoderInputs, mesh_inputs, point_inputs
+from .slat_flow import (SLAT_FLOW_CONFIGS, SLatFlow, SLatFlowConfig, SparseResBlock3d, get_slat_flow_config,
+                        read_slat_flow_config)
 from .structure_flow import (STRUCTURE_FLOW_CONFIGS, StructureFlow, StructureFlowConfig, get_structure_flow_config,
                              read_structure_flow_config)
 from .upsample import PruningHead, SelfPruningUpsample, chunk_rows
@@ -20,4 +22,6 @@ __all__ = [
     "VAEDecoding", "chunk_rows", "get_config", "get_structure_flow_config", "jittered_voxels", "kl_divergence",
     "load_image_encoder", "load_model", "load_weights", "mesh_inputs", "occupancy_bce", "point_inputs", "pruning_bce",
     "read_checkpoint", "read_config", "read_structure_flow_config", "release_chunks", "save_weights",
+    "SLAT_FLOW_CONFIGS", "SLatFlow", "SLatFlowConfig", "SparseResBlock3d", "get_slat_flow_config",
+    "read_slat_flow_config",
 ]

@@ -31,6 +31,30 @@ from .sparse_tensor import SparseTensor
 from .transformer import _Checkpointed
 
 
+#: Off CUDA, one attention call covers at most this many scores (batch x heads x queries x keys): longer query sets
+#: are split into chunks. torch's fused CPU kernel (torch >= 2.3 with masks) never materialises the scores, but the
+#: math path it falls back to on older versions does, a few [B, H, Nq, Nk] temporaries at once; 2^25 scores (128 MiB
+#: in float32) per chunk keep inference bounded either way. (Under autograd that fallback still keeps every chunk's
+#: softmax for the backward pass; CPU training at tens of thousands of tokens is not a goal.)
+CPU_ATTENTION_ELEMENTS = 1 << 25
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``q [B, H, Nq, D]`` on ``k, v [B, H, Nk, D]`` with an optional boolean
+    ``mask`` broadcastable to ``[B, H, Nq, Nk]`` (True = attend). On CUDA one call (its efficient kernels bound the
+    memory); elsewhere queries go in chunks of at most :data:`CPU_ATTENTION_ELEMENTS` scores (rows are independent,
+    so the result is the same)."""
+    b, h, nq, _ = q.shape
+    step = nq if q.is_cuda else max(1, CPU_ATTENTION_ELEMENTS // max(1, b * h * k.shape[2]))
+    if step >= nq:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    per_query = mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:s + step], k, v,
+                                                     attn_mask=mask[..., s:s + step, :] if per_query else mask)
+                      for s in range(0, nq, step)], dim=2)
+
+
 class MultiHeadRMSNorm(nn.Module):
     """RMS normalisation of each head's query or key vector with a learned per-head gain ``gamma [H, D]`` (qk-norm:
     bounds the attention logits, which keeps long training in half precision stable). Computed in float32."""
@@ -46,7 +70,7 @@ class MultiHeadRMSNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention on ``[B, N, C]`` tokens through ``scaled_dot_product_attention``.
+    """Multi-head attention on ``[B, N, C]`` tokens through :func:`chunked_attention`.
 
     Self-attention when ``context_channels`` is None (fused ``to_qkv``), else cross-attention to a context
     ``[B, T, context_channels]`` (``to_q``, ``to_kv``); optional per-head q/k RMS norm. ``key_mask [B, N_keys]``
@@ -94,7 +118,7 @@ class MultiHeadAttention(nn.Module):
             if key_mask.shape != k.shape[:2]:
                 raise InputError(f"key mask must be {tuple(k.shape[:2])}; got {tuple(key_mask.shape)}")
             mask = key_mask.bool()[:, None, None, :]  # [B, 1, 1, N_keys], broadcast over heads and queries
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = chunked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.channels))
 
 
