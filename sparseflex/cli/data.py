@@ -1,10 +1,11 @@
-"""`sparseflex data prepare|stats`: turn a folder of meshes into training items; summarise a prepared folder."""
+"""`sparseflex data prepare|stats|encode|latent-stats`: turn a folder of meshes into training items; summarise a
+prepared folder; encode its items with a trained VAE for the latent flow and compute the latents' statistics."""
 
 from __future__ import annotations
 
 import os
 
-from .common import new_dir, number, output_dir, output_path, positive_int, seed_option
+from .common import device_option, new_dir, number, output_dir, output_path, positive_int, seed_option
 
 
 def register(sub) -> None:
@@ -54,6 +55,35 @@ def register(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace the file given as --sheet if it exists")
     s.set_defaults(func=run_stats)
 
+    e = cmd.add_parser("encode", help="encode every prepared item with a trained VAE (resumable, shardable)",
+                       description="Per prepared item: the VAE's posterior mean on the item's own points, normals "
+                                   "and latent voxels, one OUT/items/NAME.safetensors (coords, feats), plus "
+                                   "manifest.jsonl (split copied from the prepared folder), failures.json, "
+                                   "config.json (the checkpoint and its sha256) and stats.json (train split). "
+                                   "Re-running skips encoded items; a resume with another checkpoint is refused. "
+                                   "Shards and locks as in `data prepare`.")
+    e.add_argument("prepared_dir", help="a folder written by `sparseflex data prepare`")
+    e.add_argument("--checkpoint", required=True, help="the VAE (training checkpoint or safetensors)")
+    e.add_argument("-o", "--output", dest="out_dir", required=True,
+                   help="latent folder (created; an earlier run's folder is resumed; any other must be empty)")
+    e.add_argument("--shard", default="0/1", help="I/N: encode only items I, I+N, I+2N, ... of the manifest")
+    e.add_argument("--device", type=device_option, default=None,
+                   help="torch device (default: cuda when available, else cpu)")
+    e.add_argument("--batch-size", type=number(int, 1, 4096), default=4, help="items per encoder call (default 4)")
+    e.add_argument("--logvar", action="store_true",
+                   help="also store the posterior log-variance (float16), for trainers that sample the posterior")
+    e.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run's latents in the folder first (e.g. to change the checkpoint)")
+    e.set_defaults(func=run_encode)
+
+    from ..data.dataset import SPLITS
+    t = cmd.add_parser("latent-stats", help="per-channel mean and std of the latents of a split",
+                       description="Merges the manifest of all shards, prints the statistics as JSON and, for the "
+                                   "train split, writes them to LATENTS/stats.json (what the flow normalises with).")
+    t.add_argument("latent_dir", help="a folder written by `sparseflex data encode`")
+    t.add_argument("--split", choices=SPLITS, default="train", help="train (default), val or all")
+    t.set_defaults(func=run_latent_stats)
+
 
 def run_prepare(args) -> int:
     from ..data.prepare import PrepareConfig, check_input_dir, check_out_dir, in_use, parse_shard, prepare_dataset
@@ -94,4 +124,33 @@ def run_stats(args) -> int:
     if ok:
         contact_sheet(args.out_dir, ok, sheet, max_items=args.max_items)
         print(f"contact sheet: {sheet}")
+    return 0
+
+
+def run_encode(args) -> int:
+    from ..data.latents import encode_dataset
+    from ..data.prepare import in_use, parse_shard
+
+    shard = parse_shard(args.shard)
+    out = output_dir(args.out_dir)
+    # a folder made here is removed if the run fails, unless it holds encoded items or another shard works in it
+    with new_dir(out, keep=lambda folder: any((folder / "parts").glob("*.jsonl")) or in_use(folder)):
+        encode_dataset(args.prepared_dir, args.checkpoint, out, shard=shard, device=args.device,
+                       batch_size=args.batch_size, logvar=args.logvar, overwrite=args.overwrite,
+                       log=lambda line: print(line, flush=True))
+    return 0
+
+
+def run_latent_stats(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..data.latents import latent_stats, merge, read_latent_config, write_stats
+
+    root = Path(args.latent_dir)
+    read_latent_config(root)
+    output_dir(root)  # merging rewrites the manifest
+    merge(root)  # the union of all shards, as `data encode` leaves it
+    stats = write_stats(root) if args.split == "train" else latent_stats(root, args.split)
+    print(json.dumps({**stats, "split": args.split}, indent=1))
     return 0

@@ -117,9 +117,14 @@ def merge(root: Path, val_fraction: float, seed: int = 0) -> tuple[list[dict], l
     split = assign_split([r["name"] for r in ok], val_fraction, seed)
     for r in ok:
         r["split"] = split[r["name"]]
-    write_atomic(root / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok).encode())
-    write_atomic(root / FAILURES, (json.dumps(failed, indent=1, sort_keys=True) + "\n").encode())
+    write_manifest(root, ok, failed)
     return ok, failed
+
+
+def write_manifest(root: Path, ok: list[dict], failed: list[dict]) -> None:
+    """Replace ``manifest.jsonl`` (the records ``ok``, one per line) and ``failures.json`` atomically."""
+    write_atomic(Path(root) / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok).encode())
+    write_atomic(Path(root) / FAILURES, (json.dumps(failed, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(root: Path) -> list[dict]:

@@ -223,7 +223,11 @@ def read_config(root: str | os.PathLike) -> PrepareConfig:
     path = Path(root) / CONFIG
     if not path.exists():
         raise InputError(f"{root}: not a prepared dataset (no {CONFIG})")
-    return PrepareConfig(**json.loads(path.read_text()))
+    try:
+        return PrepareConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError):  # another folder's config.json (a latent folder, ...) or a torn one
+        raise InputError(f"{root}: not a prepared dataset (its {CONFIG} is not from `sparseflex data prepare`)"
+                         ) from None
 
 
 def check_config(root: Path, config: PrepareConfig) -> None:
@@ -245,17 +249,18 @@ _EARLY_ENTRIES = {manifest.PARTS, manifest.ITEMS}
 LOCK_PREFIX = ".lock-"
 
 
-def check_out_dir(root: str | os.PathLike) -> Path:
-    """Refuse an output folder that is a file, or a non-empty folder that is not a prepared dataset (its files
-    would be mixed with ours, its manifest.jsonl replaced); return it as a Path."""
+def check_out_dir(root: str | os.PathLike, what: str = "a prepared dataset") -> Path:
+    """Refuse an output folder that is a file, or a non-empty folder that is not ``what`` (a folder of ours, with
+    its config.json: anything else would have its files mixed with ours, its manifest.jsonl replaced); return it as
+    a Path."""
     root = Path(root)
     if os.path.lexists(root) and not root.is_dir():
         raise OptionError(f"{root} exists and is not a folder")
     if root.is_dir() and not (root / CONFIG).exists():  # not (yet) a prepared dataset: empty but for our start
         foreign = sorted(e.name for e in root.iterdir() if e.name not in _EARLY_ENTRIES and not e.name.startswith("."))
         if foreign:
-            raise OptionError(f"{root} is not empty and not a prepared dataset (it holds {foreign[0]!r}); give a new "
-                              "or empty output folder")
+            raise OptionError(f"{root} is not empty and not {what} (it holds {foreign[0]!r}); give a new or empty "
+                              "output folder")
     return root
 
 
@@ -280,12 +285,12 @@ def in_use(root: Path) -> bool:
 
 
 @contextmanager
-def shard_lock(root: Path, shard: tuple[int, int]):
+def shard_lock(root: Path, shard: tuple[int, int], what: str = "prepare"):
     """Hold an exclusive lock on this shard of ``root`` (``root/.lock-shard-I-of-N``, ``fcntl.flock``, released
     when the process ends however it ends) for the whole run: a second run of the same shard into the same folder
     fails at once instead of doing all the work again. Different shards of one folder still run side by side, on
     one machine or several sharing it (flock works over NFS on Linux). Without ``fcntl`` (Windows) nothing is
-    locked."""
+    locked. ``what`` names the kind of run in the error."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux / macOS
@@ -299,7 +304,7 @@ def shard_lock(root: Path, shard: tuple[int, int]):
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             which = f" of shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
-            raise OptionError(f"{root} is in use by another prepare run{which} (pid {pid})") from None
+            raise OptionError(f"{root} is in use by another {what} run{which} (pid {pid})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -329,20 +334,18 @@ def prepare_dataset(input_dir, out_dir, config: PrepareConfig = PrepareConfig(),
         return _prepare(sources, Path(input_dir), root, config, shard, workers, timeout, retry_failed, log)
 
 
-def _remove_temporaries(items: Path, names: set[str]) -> None:
-    """Delete the temporary files of the items ``names`` (``.NAME.XXXXXXXX.tmp.npz``, see
-    :func:`sparseflex.io.atomic_path`) that a killed worker left in ``items``; this run holds the lock of their
-    shard, so no one else is writing them."""
+def remove_temporaries(items: Path, names: set[str], suffix: str = ".npz") -> None:
+    """Delete the temporary files of the items ``names`` (``.NAME.XXXXXXXX.tmp<suffix>``, see
+    :func:`sparseflex.io.atomic_path`) that a killed worker or run left in ``items``; this run holds the lock of
+    their shard, so no one else is writing them."""
     if not names:
         return
+    # the temporary name atomic_path gives an item file (mkstemp adds 8 random characters)
+    temporary = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp" + re.escape(suffix))
     for entry in os.scandir(items):
-        m = _TEMPORARY.fullmatch(entry.name)
+        m = temporary.fullmatch(entry.name)
         if m and m.group(1) in names:
             Path(entry.path).unlink(missing_ok=True)
-
-
-#: The temporary name atomic_path gives an item file (mkstemp adds 8 random characters).
-_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp\.npz")
 
 
 def _prepare(sources, input_dir: Path, root: Path, config: PrepareConfig, shard, workers, timeout, retry_failed,
@@ -359,7 +362,7 @@ def _prepare(sources, input_dir: Path, root: Path, config: PrepareConfig, shard,
         return not retry_failed
 
     todo = [s for s in sources if not finished(s)]
-    _remove_temporaries(root / manifest.ITEMS, {s.name for s in todo})
+    remove_temporaries(root / manifest.ITEMS, {s.name for s in todo})
     result = PrepareResult(skipped=len(sources) - len(todo))
     if result.skipped:
         log(f"skipping {result.skipped} of {len(sources)} items finished by an earlier run")
@@ -376,7 +379,7 @@ def _prepare(sources, input_dir: Path, root: Path, config: PrepareConfig, shard,
                     f"{record['seconds']:.1f} s")
             else:
                 record.update(status="failed", reason=res.value)
-                _remove_temporaries(root / manifest.ITEMS, {s.name})  # left by a killed worker
+                remove_temporaries(root / manifest.ITEMS, {s.name})  # left by a killed worker
                 Path(tasks[res.index][1]).unlink(missing_ok=True)  # written by a task that finished too late
                 result.failed += 1
                 result.failures.append(record)
