@@ -11,6 +11,8 @@ from .slat_flow import (SLAT_FLOW_CONFIGS, SLatFlow, SLatFlowConfig, SparseResBl
                         read_slat_flow_config)
 from .structure_flow import (STRUCTURE_FLOW_CONFIGS, StructureFlow, StructureFlowConfig, get_structure_flow_config,
                              read_structure_flow_config)
+from .structure_vae import (STRUCTURE_VAE_CONFIGS, StructureVAE, StructureVAEConfig, StructureVAEOutput, dice,
+                            get_structure_vae_config, grid_to_coords, iou, occupancy_grid, structure_vae_loss)
 from .upsample import PruningHead, SelfPruningUpsample, chunk_rows
 from .vae import (CHUNKINGS, PruneOutput, SparseFlexDecoder, SparseFlexEncoder, SparseFlexVAE, VAEDecoding,
                   kl_divergence, occupancy_bce, pruning_bce, release_chunks)
@@ -24,4 +26,6 @@ __all__ = [
     "read_checkpoint", "read_config", "read_structure_flow_config", "release_chunks", "save_weights",
     "SLAT_FLOW_CONFIGS", "SLatFlow", "SLatFlowConfig", "SparseResBlock3d", "get_slat_flow_config",
     "read_slat_flow_config",
+    "STRUCTURE_VAE_CONFIGS", "StructureVAE", "StructureVAEConfig", "StructureVAEOutput", "dice",
+    "get_structure_vae_config", "grid_to_coords", "iou", "occupancy_grid", "structure_vae_loss",
 ]
