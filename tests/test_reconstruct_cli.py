@@ -108,7 +108,7 @@ def test_bad_input_gives_one_line_error(files, tmp_path, capsys, case):
     expected = {"bad_checkpoint": "truncated or corrupt", "missing_checkpoint": "no such checkpoint",
                 "resolution": "multiple of the model's upsampling factor 4", "latent": "not a SparseFlex latent",
                 "not_safetensors": "not a readable latent file",
-                "suffix": "use .ply or .obj"}[case]
+                "suffix": "use .ply or .obj or .glb"}[case]
     if case == "bad_checkpoint":
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")

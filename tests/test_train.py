@@ -217,8 +217,10 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
 
 
 def test_config_presets_overrides_and_errors(tmp_path):
-    for name in PRESETS:
-        assert load_config(name).model == name
+    for task, presets in PRESETS.items():
+        for name in presets:
+            config = load_config(name, task)
+            assert (config.model, config.task) == (name, task)
     assert load_config("tiny").loss.render.depth == 1.0 and load_config("triposf").loss.render.depth == 10.0
     cfg = load_config("tiny").override(["lr=3e-4", "loss.kl=1e-5", "loss.render.depth=5",
                                         "progressive=[[0,4],[50,2],[90,1]]"])
@@ -228,7 +230,13 @@ def test_config_presets_overrides_and_errors(tmp_path):
     path.write_text(json.dumps({"preset": "small", "steps": 7}))
     assert (load_config(str(path)).model, load_config(str(path)).steps) == ("small", 7)
     assert load_config('{"steps": 3}').steps == 3
-    for bad, words in [("nope", "neither a preset"), ('{"stepz": 3}', "unknown training config key(s): stepz"),
+    assert load_config("tiny", "structure-flow").flow.cond_drop == 0.1
+    assert load_config("trellis", "structure-flow").flow.image_encoder == "dinov2-vitl14-reg"
+    with pytest.raises(OptionError, match="is for task 'vae', not 'structure-vae'"):
+        load_config('{"task": "vae"}', "structure-vae")
+    with pytest.raises(OptionError, match="flow.cond_drop must be"):
+        load_config("tiny", "structure-flow").override(["flow.cond_drop=1.5"])
+    for bad, words in [("nope", "neither a vae preset"), ('{"stepz": 3}', "unknown training config key(s): stepz"),
                        ('{"lr": -1}', "lr must be"), ('{"steps": "many"}', "steps must be int"),
                        ("{", "not valid JSON")]:
         with pytest.raises(OptionError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -259,7 +267,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     cases = [
         (["train", "vae", "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "run")], "data directory"),
         (["train", "vae", "--config", "nonexistent", "--data", str(data), "-o", str(tmp_path / "run")],
-         "neither a preset"),
+         "neither a vae preset"),
         (["train", "vae", "--config", '{"lr": "fast"}', "--data", str(data), "-o", str(tmp_path / "run")],
          "lr must be float"),
         (["train", "vae", "--data", str(data), "-o", str(tmp_path / "run"), "--resume"], "does not exist"),

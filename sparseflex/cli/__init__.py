@@ -16,7 +16,7 @@ from ..errors import SparseFlexError
 from .common import Parser
 
 # Sub-command modules, in the order `sparseflex --help` lists them.
-COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct", "checkpoint"]
+COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct", "structure", "generate", "checkpoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a mesh to a SparseFlex and extract it (no optimisation)",
                        description=__doc__)
     p.add_argument("input", help="mesh file (OBJ, PLY, STL, OFF, GLB/GLTF)")
-    p.add_argument("-o", "--output", required=True, help="output mesh (.ply or .obj), in the input's coordinates")
+    p.add_argument("-o", "--output", required=True, help="output mesh (.ply, .obj or .glb), in the input's coordinates")
     p.add_argument("--resolution", type=number(int, 8, 2048), default=256,
                    help="grid resolution R (8..2048, default 256)")
     p.add_argument("--dilation", type=number(int, 0, 4), default=1,

@@ -23,7 +23,7 @@ def register(sub) -> None:
                        description="Encode a mesh to the VAE latent, decode it (chunked), write the mesh and print "
                                    "metrics against the input.")
     _mesh_input(p)
-    p.add_argument("-o", "--output", required=True, help="output mesh (.ply or .obj), in the input's coordinates")
+    p.add_argument("-o", "--output", required=True, help="output mesh (.ply, .obj or .glb), in the input's coordinates")
     _model_options(p)
     _decode_options(p)
     p.add_argument("--no-metrics", action="store_true", help="skip the metrics against the input")
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p = sub.add_parser("decode", help="decode a VAE latent to a mesh",
                        description="Decode a latent written by `sparseflex encode` to a mesh.")
     p.add_argument("input", help="latent file written by `sparseflex encode`")
-    p.add_argument("-o", "--output", required=True, help="output mesh (.ply or .obj)")
+    p.add_argument("-o", "--output", required=True, help="output mesh (.ply, .obj or .glb)")
     p.add_argument("--checkpoint", required=True, help="VAE weights: TripoSF .safetensors or a training checkpoint")
     p.add_argument("--config", default=None,
                    help="model config when the file names none: triposf (default), small, tiny, or a JSON file of "
@@ -125,10 +125,7 @@ def _latent_resolution(args, model) -> int:
 
 def _mesh_output(args):
     from ..data.mesh import SAVE_FORMATS
-    out = output_path(args.output, args.overwrite)
-    if out.suffix.lower() not in SAVE_FORMATS:
-        raise OptionError(f"{out}: cannot write {out.suffix or '(no extension)'!r}; use .ply or .obj")
-    return out
+    return output_path(args.output, args.overwrite, SAVE_FORMATS)
 
 
 def _report(start, result, out) -> dict:

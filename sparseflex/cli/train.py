@@ -1,5 +1,10 @@
-"""`sparseflex train vae --config C --data PREPARED_DIR -o RUN_DIR`: train the SparseFlex VAE by rendering losses.
+"""`sparseflex train TASK --config C --data PREPARED_DIR -o RUN_DIR`: train a model on a prepared dataset.
 
+Tasks: ``vae`` (the SparseFlex VAE, by rendering losses), ``structure-vae`` (the dense VAE of the latent voxels'
+occupancy), ``structure-flow`` (the image-conditioned rectified flow generating structure latents; give it the
+structure VAE with ``--set flow.structure_vae=RUN/checkpoint.pt``), ``slat-flow`` (the flow generating the SparseFlex
+VAE's latent on a structure; ``--data`` is a latent folder written by ``sparseflex data encode``). Every task has the
+same run folder and resume.
 Multi-GPU / multi-node: launch with torchrun (``torchrun --nproc_per_node G -m sparseflex train vae ...``); the
 global ``--batch-size`` is split over the processes.
 """
@@ -13,15 +18,22 @@ from pathlib import Path
 from ..errors import OptionError
 from .common import check_device, device_option, new_dir, number, run_folder, seed_option
 
-TASKS = ("vae",)
+# sparseflex.train.config.TASKS, spelled out so that parsing options imports no torch
+TASKS = ("vae", "structure-vae", "structure-flow", "slat-flow")
+#: Options that only the rendering-based VAE task uses.
+VAE_ONLY = ("image_size", "views_per_item", "visibility_ratio")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model (the SparseFlex VAE) on a prepared dataset", description=__doc__)
+    p = sub.add_parser("train", help="train a model (VAE, structure VAE, structure or SLat flow) on a prepared dataset",
+                       description=__doc__)
     p.add_argument("task", choices=TASKS, help="what to train")
     p.add_argument("--config", default="tiny",
-                   help="preset name (tiny, small, triposf), JSON file or JSON text (default tiny)")
-    p.add_argument("--data", required=True, help="prepared dataset directory (sparseflex data prepare)")
+                   help="preset name of the task (tiny, small; triposf for vae, trellis for the others), JSON file "
+                        "or JSON text (default tiny)")
+    p.add_argument("--data", required=True,
+                   help="prepared dataset directory (sparseflex data prepare); for slat-flow a latent folder "
+                        "(sparseflex data encode)")
     p.add_argument("--split", default="train", choices=("train", "val", "all"), help="dataset split (default train)")
     p.add_argument("-o", "--output", required=True, help="run directory: checkpoint.pt, metrics.jsonl, loss.png")
     p.add_argument("--steps", type=number(int, 1, 1 << 40), help="total optimisation steps")
@@ -51,8 +63,8 @@ def run(args) -> int:
     import torch
 
     from ..train.config import TrainConfig, load_config
+    from ..train.tasks import build_task, open_dataset
     from ..train.trainer import Trainer, default_device, load_checkpoint
-    from ..train.vae_task import VAETask
 
     out = Path(args.output)
     ckpt = run_folder(out, args.resume, args.overwrite, "run")
@@ -62,24 +74,28 @@ def run(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     check_device(device)
 
+    if args.task != "vae":
+        given = [flag for flag in VAE_ONLY if getattr(args, flag) is not None]
+        if given:
+            raise OptionError(f"--{given[0].replace('_', '-')} is an option of `train vae`, not of `train {args.task}`")
     overrides = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in FLAGS.items()
                  if getattr(args, flag) is not None]
     if args.resume:  # the run's own config; only the number of steps may change
         if args.set or any(getattr(args, flag) is not None for flag in FLAGS if flag != "steps"):
             raise OptionError("with --resume only --steps may change; the run keeps its training config")
         config = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+        if config.task != args.task:
+            raise OptionError(f"{ckpt} is a {config.task} run; resume it with `sparseflex train {config.task}`")
         config.steps = args.steps or config.steps
     else:
-        config = load_config(args.config).override(overrides + list(args.set))
-        config.task = args.task
+        config = load_config(args.config, args.task).override(overrides + list(args.set))
 
-    from ..data.dataset import PreparedDataset
-    dataset = PreparedDataset(data, split=args.split)
+    dataset = open_dataset(config, data, args.split)
     if len(dataset) == 0:
         raise OptionError(f"{data} holds no items in split {args.split!r}")
+    task = build_task(config, dataset)  # checks what the task needs (e.g. the structure VAE of a structure flow)
     with new_dir(out, keep=("checkpoint.pt",)):  # a new run failing before its first checkpoint leaves nothing
-        trainer = Trainer(VAETask(config), dataset, config, out, device=device, resume=args.resume,
-                          quiet=args.quiet)
+        trainer = Trainer(task, dataset, config, out, device=device, resume=args.resume, quiet=args.quiet)
         try:
             trainer.run()
         except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from .mesh_formats import read_triangles
 #: Extensions :func:`load_mesh` reads.
 LOAD_FORMATS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 #: Extensions :func:`save_mesh` writes.
-SAVE_FORMATS = (".ply", ".obj")
+SAVE_FORMATS = (".ply", ".obj", ".glb")
 
 
 @dataclass
@@ -144,16 +144,17 @@ def clean_triangles(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray
 # -- saving -----------------------------------------------------------------------------------------------------------
 
 def save_mesh(path: str | os.PathLike, mesh) -> Path:
-    """Write a :class:`Mesh` or ``(vertices, faces)`` as PLY (binary) or OBJ, chosen by extension, atomically."""
+    """Write a :class:`Mesh` or ``(vertices, faces)`` as PLY (binary), OBJ or GLB (binary glTF 2.0), chosen by
+    extension, atomically."""
     p = Path(path)
     ext = p.suffix.lower()
     if ext not in SAVE_FORMATS:
-        raise OptionError(f"{p}: cannot write {ext or '(no extension)'!r}; use .ply or .obj")
+        raise OptionError(f"{p}: cannot write {ext or '(no extension)'!r}; use .ply, .obj or .glb")
     vertices, faces = as_vertices_faces(mesh)
     v = vertices.detach().cpu().numpy().astype(np.float32)
     f = faces.cpu().numpy().astype(np.int64)
     with atomic_path(p) as tmp, open(tmp, "wb") as out:
-        (_write_ply if ext == ".ply" else _write_obj)(out, v, f)
+        {".ply": _write_ply, ".obj": _write_obj, ".glb": _write_glb}[ext](out, v, f)
     return p
 
 
@@ -166,6 +167,32 @@ def _write_ply(out, v: np.ndarray, f: np.ndarray) -> None:
     rows = np.zeros(len(f), dtype=[("n", "u1"), ("i", "<i4", (3,))])
     rows["n"], rows["i"] = 3, f
     out.write(rows.tobytes())
+
+
+def _write_glb(out, v: np.ndarray, f: np.ndarray) -> None:
+    """One glTF 2.0 mesh (positions and uint32 triangle indices, no material) in a binary container."""
+    import json
+    positions = np.ascontiguousarray(v, dtype="<f4").tobytes()
+    indices = np.ascontiguousarray(f, dtype="<u4").tobytes()
+    lo = v.min(0).tolist() if len(v) else [0.0] * 3
+    hi = v.max(0).tolist() if len(v) else [0.0] * 3
+    doc = {"asset": {"version": "2.0", "generator": "sparseflex"}, "scene": 0, "scenes": [{"nodes": [0]}],
+           "nodes": [{"mesh": 0}],
+           "meshes": [{"primitives": [{"attributes": {"POSITION": 0}, "indices": 1, "mode": 4}]}],
+           "accessors": [{"bufferView": 0, "componentType": 5126, "count": len(v), "type": "VEC3", "min": lo,
+                          "max": hi},
+                         {"bufferView": 1, "componentType": 5125, "count": 3 * len(f), "type": "SCALAR"}],
+           "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": len(positions), "target": 34962},
+                           {"buffer": 0, "byteOffset": len(positions), "byteLength": len(indices), "target": 34963}],
+           "buffers": [{"byteLength": len(positions) + len(indices)}]}
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)  # chunks are 4-byte aligned: JSON pads with spaces, binary with zeros
+    binary = positions + indices
+    binary += b"\0" * (-len(binary) % 4)
+    total = 12 + 8 + len(text) + 8 + len(binary)
+    out.write(b"glTF" + (2).to_bytes(4, "little") + total.to_bytes(4, "little"))
+    out.write(len(text).to_bytes(4, "little") + b"JSON" + text)
+    out.write(len(binary).to_bytes(4, "little") + b"BIN\0" + binary)
 
 
 def _write_obj(out, v: np.ndarray, f: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, OptionError
-from ..sparse.coords import coords_to_keys, dilate, keys_to_coords
+from ..sparse.coords import VoxelHash, coords_to_keys, dilate, keys_to_coords
 from .mesh import as_vertices_faces
 
 _EPS = 1e-9       # voxel units
@@ -175,3 +175,32 @@ def _box_hits(q: torch.Tensor, a: int, b: int, d: int) -> torch.Tensor:
             ok = t if ok is None else ok & t
         hit &= ok[shape]
     return hit.nonzero()
+
+
+def voxel_mesh(coords: torch.Tensor, resolution: int) -> "Mesh":
+    """The boundary of a set of voxels ``[N, 3]`` at ``resolution`` as a triangle mesh in the cube [-0.5, 0.5]^3:
+    two triangles per face between an occupied and an empty voxel, wound counter-clockwise seen from outside."""
+    from .mesh import Mesh
+    coords = torch.as_tensor(coords).long().reshape(-1, 3)
+    occupied = VoxelHash(coords)
+    corners, faces = [], []
+    for axis in range(3):
+        for side in (0, 1):
+            step = torch.zeros(3, dtype=torch.long)
+            step[axis] = 1 if side else -1
+            open_ = coords[occupied.lookup(coords + step) < 0]  # voxels whose neighbour on this side is empty
+            u, v = (axis + 1) % 3, (axis + 2) % 3
+            quad = torch.zeros(4, 3, dtype=torch.long)
+            quad[:, axis] = side
+            quad[[1, 2], u] = 1
+            quad[[2, 3], v] = 1
+            if not side:  # reverse the winding on the low side so every normal points out of the voxel
+                quad = quad.flip(0)
+            base = sum(len(c) for c in corners)
+            corners.append((open_[:, None, :] + quad[None]).reshape(-1, 3))
+            idx = base + 4 * torch.arange(len(open_))[:, None]
+            faces.append(torch.cat([idx + torch.tensor([0, 1, 2]), idx + torch.tensor([0, 2, 3])]))
+    corners = torch.cat(corners) if corners else torch.zeros(0, 3, dtype=torch.long)
+    unique, inverse = torch.unique(corners, dim=0, return_inverse=True)
+    faces = inverse[torch.cat(faces)] if faces else torch.zeros(0, 3, dtype=torch.long)
+    return Mesh(unique.float() / resolution - 0.5, faces)

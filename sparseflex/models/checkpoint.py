@@ -31,10 +31,13 @@ WEIGHTS_FORMAT = "sparseflex-vae-1"
 
 @dataclass
 class Checkpoint:
-    """Weights read from a file: ``state`` (name -> tensor) and the model ``config`` dict when the file holds one."""
+    """Weights read from a file: ``state`` (name -> tensor), the model ``config`` dict when the file holds one, and
+    the training ``task`` that made it (``vae`` for the release's and our VAE safetensors)."""
     state: dict[str, torch.Tensor]
     config: dict | None
     kind: str  # "safetensors" or "train"
+    task: str = "vae"
+    train_config: dict | None = None  # a training checkpoint's whole training config
 
 
 def _is_safetensors(p: Path) -> bool:
@@ -43,9 +46,19 @@ def _is_safetensors(p: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a safetensors file or a ``sparseflex-train-1`` training checkpoint (its EMA weights when present)."""
-    p = Path(path)
+def read_checkpoint(path: str | os.PathLike, task: str | None = "vae") -> Checkpoint:
+    """Read a safetensors file or a ``sparseflex-train-1`` training checkpoint (its EMA weights when present).
+
+    ``task`` (a training task name, ``None`` for any) is what the caller needs: a checkpoint of another model (a
+    structure flow given where a VAE belongs, ...) is refused with a one-line error naming both.
+    """
+    ck = _read_any(Path(path))
+    if task is not None and ck.task != task:
+        raise InputError(f"{path}: a {ck.task} checkpoint, but a {task} checkpoint is needed here")
+    return ck
+
+
+def _read_any(p: Path) -> Checkpoint:
     if not p.exists():
         raise InputError(f"{p}: no such checkpoint file")
     if not p.is_file():
@@ -67,7 +80,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     state = payload.get("ema") or payload.get("model")
     if not isinstance(state, dict):
         raise InputError(f"{p}: training checkpoint holds no model weights")
-    return Checkpoint(dict(state), payload.get("model_config"), "train")
+    train_config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    return Checkpoint(dict(state), payload.get("model_config"), "train", str(train_config.get("task", "vae")),
+                      train_config)
 
 
 def _read_safetensors(p: Path) -> Checkpoint:

@@ -46,6 +46,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,7 +253,8 @@ class ImageEncoder(nn.Module):
 def load_image_encoder(name_or_path: str | os.PathLike, device=None, *, num_heads: int | None = None) -> ImageEncoder:
     """An :class:`ImageEncoder` in eval mode, from a preset name or from local weights.
 
-    ``tiny`` gives random weights; the DINOv2 presets have none built in, and the message says where to get them.
+    ``tiny`` gives fixed random weights (seed 0: the same in training and sampling); the DINOv2 presets have none
+    built in, and the message says where to get them.
     A folder loads as a Hugging Face model folder; a file as the DINOv2 repository's state dict. That layout has no
     config, so its sizes come from the tensor shapes and the head count is ``width // 64`` (every DINOv2 model has
     64-channel heads) unless ``num_heads`` is given. Any problem is a one-line :class:`InputError` naming the file.
@@ -263,7 +265,10 @@ def load_image_encoder(name_or_path: str | os.PathLike, device=None, *, num_head
             pth, hf = _WEIGHTS_HINT[key]
             raise InputError(f"{key}: no weights are built in; download {pth} (DINOv2 repository, "
                              f"facebookresearch/dinov2) or the Hugging Face folder {hf}, then give its path")
-        model = ImageEncoder(IMAGE_ENCODER_CONFIGS[key])
+        # fixed random weights: a flow trained on this stand-in is conditioned by the same encoder when it samples
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = ImageEncoder(IMAGE_ENCODER_CONFIGS[key])
     else:
         path = Path(name_or_path)
         if not path.exists():
@@ -456,3 +461,20 @@ def _read_hf_folder(folder: Path) -> tuple[ImageEncoderConfig, dict[str, torch.T
     else:
         raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
     return cfg, _hf_to_ours(_read_tensors(weights), weights), weights
+
+
+@torch.no_grad()
+def image_tokens(encoder: ImageEncoder, images: list) -> torch.Tensor:
+    """Conditioning tokens ``[B, T, C]`` of images: files, or ``[H, W, 3 | 4]`` arrays (uint8, or float in [0, 1]),
+    each cropped and resized to the encoder's input size by :func:`~sparseflex.data.images.preprocess_image`."""
+    from ..data.images import preprocess_image
+    if not images:
+        raise InputError("no images to encode")
+    size = encoder.config.image_size
+    batch = []
+    for image in images:
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            image = image.astype(np.float32) / 255
+        batch.append(preprocess_image(image, size))
+    device = encoder.patch_embed.weight.device
+    return encoder(torch.stack(batch).to(device))

@@ -59,3 +59,24 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp)
     return path
+
+
+def input_and_views(image: torch.Tensor | None, meshes: dict, path: str | os.PathLike, views: int = 4,
+                    size: int = 256) -> Path:
+    """Save a grid, one row per mesh (name -> :class:`~sparseflex.data.mesh.Mesh` in the unit cube): the input
+    image (``[3, H, W]`` in [0, 1], or None) then normal renders from ``views`` evenly spread outside views."""
+    from .camera import sphere_views
+    from .maps import render
+    cams = sphere_views(views, radius=1.8, size=size)
+    first = []
+    if image is not None:
+        pic = Image.fromarray((image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5)
+                              .astype(np.uint8)).resize((size, size), Image.LANCZOS)
+        first = [np.asarray(pic)]
+    rows = []
+    for mesh in meshes.values():
+        with torch.no_grad():
+            maps = render(mesh.vertices.float().cpu(), mesh.faces.cpu(), cams, allow_empty=True)
+        rows.append(first + [normal_to_rgb(maps["normal"][b], maps["mask"][b]) for b in range(views)])
+    cols = (["input"] if image is not None else []) + [f"view {i}" for i in range(views)]
+    return save_png(image_grid(rows, list(meshes), cols), path)
