@@ -100,10 +100,11 @@ SLAT_FLOW_CONFIGS = {
     # wide); 600,432,520 parameters (with the 555.5M structure flow, the paper's ~1.1B TRELLIS-L)
     "trellis": SLatFlowConfig(),
     # CPU-sized: the same architecture, narrower and shallower (cond 64 = the tiny image encoder's width); the
-    # resolutions are the small / tiny VAE's latent grids
-    "small": SLatFlowConfig(resolution=32, model_channels=128, cond_channels=64, num_blocks=4, num_heads=4,
+    # resolutions are the grids the small / tiny structure presets generate (64^3 and 32^3: the structure flow's
+    # 16^3 / 8^3 latent times the structure VAE's 4), which is the latent resolution of the data they train on
+    "small": SLatFlowConfig(resolution=64, model_channels=128, cond_channels=64, num_blocks=4, num_heads=4,
                             io_block_channels=[64]),
-    "tiny": SLatFlowConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2, num_heads=2,
+    "tiny": SLatFlowConfig(resolution=32, model_channels=64, cond_channels=64, num_blocks=2, num_heads=2,
                            io_block_channels=[32]),
 }
 
