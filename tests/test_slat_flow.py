@@ -266,7 +266,7 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(InputError):  # latent channels
         model(batch_of([voxels(10, 8, 0)], channels=4), torch.zeros(1), torch.zeros(1, 2, 64))
     with pytest.raises(InputError):  # outside the latent grid
-        model(batch_of([voxels(10, 8, 0) * 3]), torch.zeros(1), torch.zeros(1, 2, 64))
+        model(batch_of([voxels(10, 8, 0) * 5]), torch.zeros(1), torch.zeros(1, 2, 64))
 
 
 def test_other_io_layouts_run_and_start_at_zero():

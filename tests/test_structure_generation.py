@@ -244,7 +244,7 @@ def test_structure_pipeline_is_reproducible_per_seed(trained_runs):
 
 
 @pytest.mark.parametrize("case", ["missing image", "corrupt image", "vae as flow", "flow as structure vae",
-                                  "busy photo", "resume other task"])
+                                  "busy photo", "resume other task", "train on a flow as structure vae"])
 def test_bad_input_gives_one_line(trained_runs, tmp_path, capsys, case):
     root, image = trained_runs
     flow, svae = root / "sflow" / "checkpoint.pt", root / "svae" / "checkpoint.pt"
@@ -264,10 +264,13 @@ def test_bad_input_gives_one_line(trained_runs, tmp_path, capsys, case):
         busy = tmp_path / "busy.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(busy)
         argv[1] = str(busy)
-    else:
+    elif case == "resume other task":
         argv = ["train", "structure-flow", "--data", str(root / "data"), "-o", str(root / "svae"), "--resume"]
+    else:
+        argv = ["train", "structure-flow", "--data", str(root / "data"), "-o", str(tmp_path / "run"), "--steps", "1",
+                "--set", f"flow.structure_vae={flow}", "--quiet"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert not out.exists() and not out.with_suffix(".png").exists()
+    assert not out.exists() and not out.with_suffix(".png").exists() and not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InputError, OptionError
 from ..sparse.coords import VoxelHash, coords_to_keys, dilate, keys_to_coords
-from .mesh import as_vertices_faces
+from .mesh import Mesh, as_vertices_faces
 
 _EPS = 1e-9       # voxel units
 _HALF = 0.5 + _EPS
@@ -177,10 +177,9 @@ def _box_hits(q: torch.Tensor, a: int, b: int, d: int) -> torch.Tensor:
     return hit.nonzero()
 
 
-def voxel_mesh(coords: torch.Tensor, resolution: int) -> "Mesh":
+def voxel_mesh(coords: torch.Tensor, resolution: int) -> Mesh:
     """The boundary of a set of voxels ``[N, 3]`` at ``resolution`` as a triangle mesh in the cube [-0.5, 0.5]^3:
     two triangles per face between an occupied and an empty voxel, wound counter-clockwise seen from outside."""
-    from .mesh import Mesh
     coords = torch.as_tensor(coords).long().reshape(-1, 3)
     occupied = VoxelHash(coords)
     corners, faces = [], []

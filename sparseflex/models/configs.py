@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 from ..errors import OptionError
 
@@ -11,8 +12,49 @@ from ..errors import OptionError
 DILATIONS = ("fine", "release")
 
 
+class ModelConfig:
+    """Base of the models' size dataclasses: plain JSON-able dicts (what checkpoints store), named presets and JSON
+    files, every mistake a one-line :class:`OptionError`. Subclasses set ``kind`` (for messages) and ``presets``."""
+    kind: ClassVar[str] = "model"
+    presets: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise OptionError(f"unknown {cls.kind} config fields: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:  # a value of the wrong kind (a list where a number belongs, ...)
+            raise OptionError(f"{cls.kind} config: {exc}") from None
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """A copy of the named preset with ``overrides`` applied."""
+        if name not in cls.presets:
+            raise OptionError(f"unknown {cls.kind} config {name!r}; choose one of {', '.join(cls.presets)}")
+        return cls.from_dict({**cls.presets[name].to_dict(), **overrides})
+
+    @classmethod
+    def read(cls, name_or_path: str):
+        """A preset name, or a JSON file of the config's fields."""
+        if not str(name_or_path).lower().endswith(".json"):
+            return cls.preset(name_or_path)
+        try:
+            with open(name_or_path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"{name_or_path}: cannot read the {cls.kind} config ({exc})".splitlines()[0]) from None
+        if not isinstance(d, dict):
+            raise OptionError(f"{name_or_path}: a {cls.kind} config is a JSON object of its fields")
+        return cls.from_dict(d)
+
+
 @dataclass
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """Every size of a :class:`~sparseflex.models.vae.SparseFlexVAE` (SPEC section 4).
 
     The output resolution is ``latent_resolution * 2 ** len(upsample_channels)``; the latent resolution is only the
@@ -68,19 +110,6 @@ class VAEConfig:
         f = self.upsample_factor
         return 1.0 / f if self.voxel_dilation == "fine" else resolution / (f * resolution - 1)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["upsample_channels"] = list(self.upsample_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OptionError(f"unknown VAE config fields: {', '.join(unknown)}")
-        return cls(**d)
-
 
 CONFIGS = {
     # the public release: 256^3 in, 1024^3 out, 178,833,479 parameters; its inference keeps every child
@@ -95,25 +124,14 @@ CONFIGS = {
 }
 
 
+VAEConfig.kind, VAEConfig.presets = "VAE", CONFIGS
+
+
 def get_config(name: str, **overrides) -> VAEConfig:
     """A copy of the named config (``triposf``, ``small``, ``tiny``) with ``overrides`` applied."""
-    if name not in CONFIGS:
-        raise OptionError(f"unknown VAE config {name!r}; choose one of {', '.join(CONFIGS)}")
-    return VAEConfig.from_dict({**CONFIGS[name].to_dict(), **overrides})
+    return VAEConfig.preset(name, **overrides)
 
 
 def read_config(name_or_path: str) -> VAEConfig:
     """A named config (:func:`get_config`) or one read from a JSON file of :class:`VAEConfig` fields."""
-    if not str(name_or_path).lower().endswith(".json"):
-        return get_config(name_or_path)
-    try:
-        with open(name_or_path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise OptionError(f"{name_or_path}: cannot read the VAE config ({exc})".splitlines()[0]) from None
-    if not isinstance(d, dict):
-        raise OptionError(f"{name_or_path}: a VAE config is a JSON object of VAEConfig fields")
-    try:
-        return VAEConfig.from_dict(d)
-    except TypeError as exc:  # a field of the wrong kind (a list where a number belongs, ...)
-        raise OptionError(f"{name_or_path}: {exc}") from None
+    return VAEConfig.read(name_or_path)

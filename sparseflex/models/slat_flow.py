@@ -23,8 +23,7 @@ tokens with 16 heads.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +33,19 @@ from ..errors import InputError, OptionError
 from ..nn.basic import SparseLayerNorm, SparseLinear
 from ..nn.conv import SparseConv3d
 from ..nn.embedding import TimestepEmbedder, modulate, sincos_position_embedding
-from ..nn.modulated import FinalLayer, ModulatedTransformerCrossBlock, from_padded, to_padded
+from ..nn.modulated import (
+    FinalLayer,
+    ModulatedTransformerCrossBlock,
+    from_padded,
+    to_padded,
+)
 from ..nn.resample import sparse_downsample, sparse_upsample
 from ..nn.sparse_tensor import SparseTensor, sparse_cat
+from .configs import ModelConfig
 
 
 @dataclass
-class SLatFlowConfig:
+class SLatFlowConfig(ModelConfig):
     """Every size of a :class:`SLatFlow`; plain JSON-able values (:meth:`to_dict`) so checkpoints store it.
 
     ``resolution`` bounds the voxel coordinates (the latent grid), ``patch_size`` p = 2^len(io_block_channels) is the
@@ -83,16 +88,6 @@ class SLatFlowConfig:
         if not self.mlp_ratio > 0:
             raise OptionError(f"mlp_ratio must be > 0; got {self.mlp_ratio}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SLatFlowConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise OptionError(f"unknown SLat flow config fields: {', '.join(unknown)}")
-        return cls(**d)
-
 
 SLAT_FLOW_CONFIGS = {
     # TRELLIS-image-large's slat_flow_img_dit_L_64l8p2: 64^3 x 8 latent, io stage of 128 channels with 2 residual
@@ -108,26 +103,17 @@ SLAT_FLOW_CONFIGS = {
                            io_block_channels=[32]),
 }
 
+SLatFlowConfig.kind, SLatFlowConfig.presets = "SLat flow", SLAT_FLOW_CONFIGS
+
 
 def get_slat_flow_config(name: str, **overrides) -> SLatFlowConfig:
     """A copy of the named preset (``trellis``, ``small``, ``tiny``) with ``overrides`` applied."""
-    if name not in SLAT_FLOW_CONFIGS:
-        raise OptionError(f"unknown SLat flow config {name!r}; choose one of {', '.join(SLAT_FLOW_CONFIGS)}")
-    return SLatFlowConfig.from_dict({**SLAT_FLOW_CONFIGS[name].to_dict(), **overrides})
+    return SLatFlowConfig.preset(name, **overrides)
 
 
 def read_slat_flow_config(name_or_path: str) -> SLatFlowConfig:
     """A preset name or a JSON file of :class:`SLatFlowConfig` fields."""
-    if not str(name_or_path).lower().endswith(".json"):
-        return get_slat_flow_config(name_or_path)
-    try:
-        with open(name_or_path, encoding="utf-8") as f:
-            d = json.load(f)
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        return SLatFlowConfig.from_dict(d)
-    except (OSError, ValueError, TypeError) as exc:
-        raise OptionError(f"{name_or_path}: cannot read the SLat flow config ({exc})".splitlines()[0]) from None
+    return SLatFlowConfig.read(name_or_path)
 
 
 class SparseResBlock3d(nn.Module):

@@ -11,8 +11,7 @@ linear give the velocity in the input's layout.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,10 +19,11 @@ from torch import nn
 from ..errors import InputError, OptionError
 from ..nn.embedding import TimestepEmbedder, sincos_position_embedding
 from ..nn.modulated import FinalLayer, ModulatedTransformerCrossBlock
+from .configs import ModelConfig
 
 
 @dataclass
-class StructureFlowConfig:
+class StructureFlowConfig(ModelConfig):
     """Every size of a :class:`StructureFlow`; plain JSON-able values (:meth:`to_dict`) so checkpoints store it.
 
     ``resolution`` is the latent grid r, ``patch_size`` p the cells per token along each axis (r divisible by p),
@@ -63,16 +63,6 @@ class StructureFlowConfig:
         """Tokens per axis, ``resolution / patch_size``."""
         return self.resolution // self.patch_size
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StructureFlowConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise OptionError(f"unknown structure flow config fields: {', '.join(unknown)}")
-        return cls(**d)
-
 
 STRUCTURE_FLOW_CONFIGS = {
     # TRELLIS-image-large's ss_flow_img_dit_L_16l8: 16^3 x 8 latent, 24 blocks of width 1024, 16 heads, qk RMS norm,
@@ -83,26 +73,17 @@ STRUCTURE_FLOW_CONFIGS = {
     "tiny": StructureFlowConfig(resolution=8, model_channels=64, cond_channels=64, num_blocks=2, num_heads=2),
 }
 
+StructureFlowConfig.kind, StructureFlowConfig.presets = "structure flow", STRUCTURE_FLOW_CONFIGS
+
 
 def get_structure_flow_config(name: str, **overrides) -> StructureFlowConfig:
     """A copy of the named preset (``trellis``, ``small``, ``tiny``) with ``overrides`` applied."""
-    if name not in STRUCTURE_FLOW_CONFIGS:
-        raise OptionError(f"unknown structure flow config {name!r}; choose one of {', '.join(STRUCTURE_FLOW_CONFIGS)}")
-    return StructureFlowConfig.from_dict({**STRUCTURE_FLOW_CONFIGS[name].to_dict(), **overrides})
+    return StructureFlowConfig.preset(name, **overrides)
 
 
 def read_structure_flow_config(name_or_path: str) -> StructureFlowConfig:
     """A preset name or a JSON file of :class:`StructureFlowConfig` fields."""
-    if not str(name_or_path).lower().endswith(".json"):
-        return get_structure_flow_config(name_or_path)
-    try:
-        with open(name_or_path, encoding="utf-8") as f:
-            d = json.load(f)
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        return StructureFlowConfig.from_dict(d)
-    except (OSError, ValueError, TypeError) as exc:
-        raise OptionError(f"{name_or_path}: cannot read the structure flow config ({exc})".splitlines()[0]) from None
+    return StructureFlowConfig.read(name_or_path)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ step sometimes got stuck there, lr 1e-3 with a 20-step warm-up and clipping at n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import InputError, OptionError
 from ..nn.transformer import _Checkpointed
+from .configs import ModelConfig
 from .upsample import zero_init
 
 #: Training losses of the reconstruction term (TRELLIS offers both; its released config uses ``dice``).
@@ -52,7 +53,7 @@ def check_resolution(resolution: int, factor: int) -> int:
 
 
 @dataclass
-class StructureVAEConfig:
+class StructureVAEConfig(ModelConfig):
     """Every size of a :class:`StructureVAE`.
 
     ``resolution`` is only the default grid size S (the model is fully convolutional, no weight depends on it); the
@@ -91,20 +92,6 @@ class StructureVAEConfig:
     def latent_resolution(self) -> int:
         return self.resolution // self.downsample_factor
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["encoder_channels"] = list(self.encoder_channels)
-        d["decoder_channels"] = list(self.decoder_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StructureVAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OptionError(f"unknown structure VAE config fields: {', '.join(unknown)}")
-        return cls(**d)
-
 
 STRUCTURE_VAE_CONFIGS = {
     # TRELLIS' ss_vae_conv3d_16l8: 64^3 -> 8 x 16^3
@@ -116,12 +103,12 @@ STRUCTURE_VAE_CONFIGS = {
                                num_res_blocks=1, num_res_blocks_middle=1),
 }
 
+StructureVAEConfig.kind, StructureVAEConfig.presets = "structure VAE", STRUCTURE_VAE_CONFIGS
+
 
 def get_structure_vae_config(name: str, **overrides) -> StructureVAEConfig:
     """A copy of the named config (``trellis``, ``small``, ``tiny``) with ``overrides`` applied."""
-    if name not in STRUCTURE_VAE_CONFIGS:
-        raise OptionError(f"unknown structure VAE config {name!r}; choose one of {', '.join(STRUCTURE_VAE_CONFIGS)}")
-    return StructureVAEConfig.from_dict({**STRUCTURE_VAE_CONFIGS[name].to_dict(), **overrides})
+    return StructureVAEConfig.preset(name, **overrides)
 
 
 # -- building blocks --------------------------------------------------------------------------------------------------

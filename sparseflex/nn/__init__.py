@@ -13,11 +13,11 @@ from .modulated import (FeedForward, FinalLayer, ModulatedTransformerCrossBlock,
 from .pointnet import LocalPointNet, ResnetBlockFC, local_point_features
 from .resample import segment_reduce, sparse_downsample, sparse_subdivide, sparse_upsample
 from .sparse_tensor import SparseTensor, sparse_cat
-from .transformer import ModulatedSparseTransformerCrossBlock, SparseFeedForward, SparseTransformerBlock
+from .transformer import SparseFeedForward, SparseTransformerBlock
 
 __all__ = [
     "AbsolutePositionEmbedder", "ConvPlan", "FeedForward", "FinalLayer", "LocalPointNet",
-    "ModulatedSparseTransformerCrossBlock", "ModulatedTransformerCrossBlock", "MultiHeadAttention", "MultiHeadRMSNorm",
+    "ModulatedTransformerCrossBlock", "MultiHeadAttention", "MultiHeadRMSNorm",
     "ResnetBlockFC", "SparseConv3d", "SparseCrossAttention", "SparseFeedForward", "SparseFullSelfAttention",
     "SparseGELU", "SparseGroupNorm", "SparseLayerNorm", "SparseLinear", "SparseReLU", "SparseSiLU", "SparseTensor",
     "SparseTransformerBlock", "SparseWindowSelfAttention", "TimestepEmbedder", "VarlenPlan", "adaln_modulation",

@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import OptionError
-from .attention import SparseCrossAttention, SparseFullSelfAttention, SparseWindowSelfAttention
+from .attention import SparseFullSelfAttention, SparseWindowSelfAttention
 from .basic import SparseLayerNorm
-from .embedding import adaln_modulation, gate, modulate
 from .sparse_tensor import SparseTensor
 
 
@@ -68,30 +67,3 @@ class SparseTransformerBlock(_Checkpointed):
     def _forward(self, x: SparseTensor) -> SparseTensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-class ModulatedSparseTransformerCrossBlock(_Checkpointed):
-    """Flow-model block: adaLN-modulated self-attention, cross-attention to a dense per-sample context, adaLN MLP.
-
-    ``forward(x, cond [B, C], context [B, L, Cctx])``; the zero-initialised ``adaLN_modulation`` gates the
-    self-attention and MLP branches shut in a fresh block.
-    """
-
-    def __init__(self, channels: int, context_channels: int, num_heads: int, mlp_ratio: float = 4.0,
-                 attn_mode: str = "full", window_size: int = 8, shift: int = 0, qkv_bias: bool = True,
-                 use_checkpoint: bool = False):
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
-        self.norm1 = SparseLayerNorm(channels, elementwise_affine=False)
-        self.self_attn = _self_attention(channels, num_heads, attn_mode, window_size, shift, qkv_bias)
-        self.norm2 = SparseLayerNorm(channels, elementwise_affine=True)
-        self.cross_attn = SparseCrossAttention(channels, context_channels, num_heads, qkv_bias)
-        self.norm3 = SparseLayerNorm(channels, elementwise_affine=False)
-        self.mlp = SparseFeedForward(channels, mlp_ratio)
-        self.adaLN_modulation = adaln_modulation(channels, channels, 6)
-
-    def _forward(self, x: SparseTensor, cond: torch.Tensor, context: torch.Tensor) -> SparseTensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(6, dim=1)
-        x = x + gate(self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa)), gate_msa)
-        x = x + self.cross_attn(self.norm2(x), context)
-        return x + gate(self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)), gate_mlp)
