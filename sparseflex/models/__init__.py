@@ -2,57 +2,20 @@
 DINOv2 image encoder for image conditioning."""
 
 from ..data.voxelize import jittered_voxels
-from .checkpoint import (
-                        Checkpoint,
-                        load_model,
-                        load_weights,
-                        read_checkpoint,
-                        save_weights,
-)
+from .checkpoint import Checkpoint, load_model, load_weights, read_checkpoint, save_weights
 from .configs import CONFIGS, VAEConfig, get_config, read_config
 from .flow import FlowLoss, RectifiedFlow
 from .image_encoder import ImageEncoder, ImageEncoderConfig, load_image_encoder
 from .inputs import EncoderInputs, mesh_inputs, point_inputs
-from .slat_flow import (
-                        SLAT_FLOW_CONFIGS,
-                        SLatFlow,
-                        SLatFlowConfig,
-                        SparseResBlock3d,
-                        get_slat_flow_config,
-                        read_slat_flow_config,
-)
-from .structure_flow import (
-                        STRUCTURE_FLOW_CONFIGS,
-                        StructureFlow,
-                        StructureFlowConfig,
-                        get_structure_flow_config,
-                        read_structure_flow_config,
-)
-from .structure_vae import (
-                        STRUCTURE_VAE_CONFIGS,
-                        StructureVAE,
-                        StructureVAEConfig,
-                        StructureVAEOutput,
-                        dice,
-                        get_structure_vae_config,
-                        grid_to_coords,
-                        iou,
-                        occupancy_grid,
-                        structure_vae_loss,
-)
+from .slat_flow import (SLAT_FLOW_CONFIGS, SLatFlow, SLatFlowConfig, SparseResBlock3d, get_slat_flow_config,
+                        read_slat_flow_config)
+from .structure_flow import (STRUCTURE_FLOW_CONFIGS, StructureFlow, StructureFlowConfig, get_structure_flow_config,
+                             read_structure_flow_config)
+from .structure_vae import (STRUCTURE_VAE_CONFIGS, StructureVAE, StructureVAEConfig, StructureVAEOutput, dice,
+                            get_structure_vae_config, grid_to_coords, iou, occupancy_grid, structure_vae_loss)
 from .upsample import PruningHead, SelfPruningUpsample, chunk_rows
-from .vae import (
-                        CHUNKINGS,
-                        PruneOutput,
-                        SparseFlexDecoder,
-                        SparseFlexEncoder,
-                        SparseFlexVAE,
-                        VAEDecoding,
-                        kl_divergence,
-                        occupancy_bce,
-                        pruning_bce,
-                        release_chunks,
-)
+from .vae import (CHUNKINGS, PruneOutput, SparseFlexDecoder, SparseFlexEncoder, SparseFlexVAE, VAEDecoding,
+                  kl_divergence, occupancy_bce, pruning_bce, release_chunks)
 
 __all__ = [
     "CHUNKINGS", "CONFIGS", "Checkpoint", "EncoderInputs", "FlowLoss", "ImageEncoder", "ImageEncoderConfig",

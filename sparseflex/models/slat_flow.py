@@ -33,12 +33,7 @@ from ..errors import InputError, OptionError
 from ..nn.basic import SparseLayerNorm, SparseLinear
 from ..nn.conv import SparseConv3d
 from ..nn.embedding import TimestepEmbedder, modulate, sincos_position_embedding
-from ..nn.modulated import (
-    FinalLayer,
-    ModulatedTransformerCrossBlock,
-    from_padded,
-    to_padded,
-)
+from ..nn.modulated import FinalLayer, ModulatedTransformerCrossBlock, from_padded, to_padded
 from ..nn.resample import sparse_downsample, sparse_upsample
 from ..nn.sparse_tensor import SparseTensor, sparse_cat
 from .configs import ModelConfig

@@ -15,13 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import (
-    SparseConv3d,
-    SparseGroupNorm,
-    SparseSiLU,
-    SparseTensor,
-    sparse_subdivide,
-)
+from ..nn import SparseConv3d, SparseGroupNorm, SparseSiLU, SparseTensor, sparse_subdivide
 from ..sparse.coords import VoxelHash, coords_to_keys
 
 

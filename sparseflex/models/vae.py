@@ -16,14 +16,8 @@ from torch import nn
 
 from ..errors import InputError, OptionError
 from ..flexicubes.representation import HEAD_CHANNELS, SparseFlex
-from ..nn import (
-    AbsolutePositionEmbedder,
-    LocalPointNet,
-    SparseLayerNorm,
-    SparseTensor,
-    SparseTransformerBlock,
-    local_point_features,
-)
+from ..nn import (AbsolutePositionEmbedder, LocalPointNet, SparseLayerNorm, SparseTensor, SparseTransformerBlock,
+                  local_point_features)
 from ..sparse.coords import VoxelHash, batched
 from .configs import VAEConfig, get_config
 from .upsample import SelfPruningUpsample, zero_init
