@@ -22,10 +22,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_meshes():
     """The real third-party meshes beside the repository (skips when absent)."""
     root = Path(os.environ.get("SPARSEFLEX_SHARED_MESHES", SHARED_MESHES))
     if not root.is_dir():
         pytest.skip(f"shared meshes not found at {root}")
     return root
+
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """A test taking ``device`` runs on the CPU, and on CUDA too when one is available (skipped otherwise)."""
+    return torch.device(request.param)
