@@ -1,5 +1,6 @@
-"""The latent dataset of the structured-latent flow: every prepared item encoded once by a trained VAE, the
-per-channel statistics the flow normalises with, and a map-style dataset over the stored latents.
+"""VAE latents as data: one shape's latent and its file (:class:`Latent`, :func:`save_latent`, :func:`load_latent`), and
+the latent dataset of the structured-latent flow: every prepared item encoded once by a trained VAE, the per-channel
+statistics the flow normalises with, and a map-style dataset over the stored latents.
 
 The flow learns the VAE's posterior mean on the item's active voxels, so training it never runs the encoder:
 :func:`encode_dataset` encodes each prepared item from its own stored points, normals and voxels (exactly what the
@@ -9,7 +10,7 @@ VAE was trained on) and writes a small file per item. Layout of a latent folder:
                                      model config), latent resolution and channels, whether logvar is stored
     OUT/items/<name>.safetensors     coords int16 [N, 3] (latent resolution), feats float32 [N, C] = posterior
                                      mean; with ``logvar`` also logvar float16 [N, C]; a `sparseflex-latent-1`
-                                     file, so :func:`~sparseflex.pipelines.reconstruct.load_latent` reads it
+                                     file, so :func:`load_latent` reads it
     OUT/parts/<shard>.jsonl          per-shard record logs, merged into the manifest (see :mod:`.manifest`)
     OUT/manifest.jsonl               name, file, prepared (the item's file inside the prepared folder), voxels, split
                                      (copied from the prepared manifest)
@@ -43,9 +44,12 @@ from ..io import atomic_path, write_atomic
 from . import manifest
 from .dataset import SPLITS
 from .item import dequantize_points
+from .mesh import Normalization
 from .prepare import CONFIG, check_out_dir, in_use, read_config, remove_temporaries, select_shard, shard_lock
 from .workers import describe
 
+#: ``format`` of a latent file's metadata.
+LATENT_FORMAT = "sparseflex-latent-1"
 #: ``format`` of a latent folder's config.json.
 LATENTS_FORMAT = "sparseflex-latents-1"
 STATS = "stats.json"
@@ -73,6 +77,62 @@ def read_latent_config(root: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or config.get("format") != LATENTS_FORMAT:
         raise InputError(f"{root}: not a latent folder (its {CONFIG} is not from `sparseflex data encode`)")
     return config
+
+
+@dataclass
+class Latent:
+    """A shape's latent: voxels ``coords [N, 3]`` at ``resolution`` with ``feats [N, C]``, and the normalisation
+    ``transform`` of its source mesh (``None``: the latent lives in the normalised cube)."""
+    coords: torch.Tensor
+    feats: torch.Tensor
+    resolution: int
+    transform: Normalization | None = None
+
+
+def save_latent(path: str | os.PathLike, latent: Latent, logvar: torch.Tensor | None = None) -> Path:
+    """Write a latent as safetensors, atomically: ``coords`` (int16 below 32,768, else int32), ``feats`` float32,
+    the source's normalisation when known, and optionally the posterior ``logvar`` (float16)."""
+    from safetensors.torch import save_file
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    index_type = torch.int16 if latent.resolution <= 32767 else torch.int32
+    tensors = {"coords": latent.coords.detach().cpu().to(index_type).contiguous(),
+               "feats": latent.feats.detach().cpu().float().contiguous()}
+    if logvar is not None:
+        tensors["logvar"] = logvar.detach().cpu().to(torch.float16).contiguous()
+    metadata = {"format": LATENT_FORMAT, "resolution": str(latent.resolution)}
+    if latent.transform is not None:
+        tensors["center"] = latent.transform.center.detach().cpu().double().reshape(3)
+        metadata["scale"] = json.dumps(latent.transform.scale)
+    with atomic_path(p) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return p
+
+
+def load_latent(path: str | os.PathLike) -> Latent:
+    """Read a latent written by :func:`save_latent` (one-line InputError for anything else)."""
+    from safetensors import safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such latent file")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - the file cannot be used, whatever the reason
+        raise InputError(f"{p}: not a readable latent file ({exc})".splitlines()[0]) from None
+    if metadata.get("format") != LATENT_FORMAT or "coords" not in tensors or "feats" not in tensors:
+        raise InputError(f"{p}: not a SparseFlex latent (written by `sparseflex encode`)")
+    coords, feats = tensors["coords"].long(), tensors["feats"]
+    r = int(metadata.get("resolution", 0))
+    if coords.dim() != 2 or coords.shape[1] != 3 or len(coords) != len(feats) or r < 1:
+        raise InputError(f"{p}: malformed latent (coords {tuple(coords.shape)}, feats {tuple(feats.shape)})")
+    if len(coords) and (int(coords.min()) < 0 or int(coords.max()) >= r):
+        raise InputError(f"{p}: latent voxel coordinates outside [0, {r})")
+    transform = None
+    if "center" in tensors:
+        transform = Normalization(tensors["center"].float(), float(json.loads(metadata["scale"])))
+    return Latent(coords, feats, r, transform)
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------
@@ -128,19 +188,6 @@ def encode_items(model, items: list[dict], device) -> list[tuple[torch.Tensor, t
                         for i, it in enumerate(items)]).to(device)
     mean, logvar = model.encode(points, normals, point_batch, coords, resolution)
     return [(mean.feats[rows].float().cpu(), logvar.feats[rows].float().cpu()) for rows in mean.layout]
-
-
-def save_latent_item(path: Path, coords: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor | None,
-                     resolution: int) -> None:
-    """One item's latent as a `sparseflex-latent-1` safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    from ..pipelines.reconstruct import LATENT_FORMAT
-    tensors = {"coords": coords.to(torch.int16).contiguous(), "feats": mean.float().contiguous()}
-    if logvar is not None:
-        tensors["logvar"] = logvar.to(torch.float16).contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": LATENT_FORMAT, "resolution": str(resolution)})
 
 
 def _check_config(root: Path, wanted: dict) -> None:
@@ -275,7 +322,7 @@ def _encode_batch(model, device, prepared: Path, root: Path, sources: list[dict]
             mean, lv = encoded[k] if encoded is not None else encode_items(model, [item], device)[0]
             if not bool(torch.isfinite(mean).all()):
                 raise InputError("the encoder returned non-finite values")
-            save_latent_item(out, item["coords"], mean, lv if logvar else None, item["resolution"])
+            save_latent(out, Latent(item["coords"], mean, item["resolution"]), lv if logvar else None)
         except Exception as exc:  # noqa: BLE001
             records.append({"name": record["name"], "status": "failed", "reason": describe(exc)})
             continue
@@ -298,7 +345,6 @@ def latent_stats(out_root: str | os.PathLike, split: str = "train") -> dict:
     ``split`` (``train``, ``val`` or ``all``), and the voxel ``count``. Streams one item at a time, combining each
     item's float64 mean and sum of squared deviations (Chan et al.'s pairwise update: no cancellation however
     many voxels)."""
-    from ..pipelines.reconstruct import load_latent
     root = Path(out_root)
     read_latent_config(root)
     count, mean, m2 = 0, None, None
@@ -392,7 +438,6 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        from ..pipelines.reconstruct import load_latent
         record = self.records[index]
         path = manifest.item_path(self.root, record)
         latent = load_latent(path)

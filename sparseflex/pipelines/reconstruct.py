@@ -1,40 +1,25 @@
 """Mesh -> latent -> SparseFlex -> mesh with a trained VAE: encode, decode (chunked at high resolution), reconstruct.
 
-A :class:`Latent` keeps the normalisation of the mesh it came from, so decoding returns a mesh in the input's
-coordinates; latents are saved as safetensors (``coords``, ``feats``, optional ``center``; resolution and scale in
-the metadata).
+A :class:`~sparseflex.data.latents.Latent` keeps the normalisation of the mesh it came from, so decoding returns a mesh
+in the input's coordinates; :func:`~sparseflex.data.latents.save_latent` / ``load_latent`` write and read it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..data.mesh import Mesh, Normalization, normalize
+from ..data.latents import Latent, load_latent, save_latent  # noqa: F401 - the latent file API, re-exported
+from ..data.mesh import Mesh, normalize
 from ..errors import InputError, OptionError
 from ..flexicubes.representation import SparseFlex
-from ..io import atomic_path
 from ..models.inputs import mesh_inputs
 from ..models.vae import SparseFlexVAE
 from ..nn import SparseTensor
 from ..sparse.coords import batched
 
-LATENT_FORMAT = "sparseflex-latent-1"
-
-
-@dataclass
-class Latent:
-    """A shape's latent: voxels ``coords [N, 3]`` at ``resolution`` with ``feats [N, C]``, and the normalisation
-    ``transform`` of its source mesh (``None``: the latent lives in the normalised cube)."""
-    coords: torch.Tensor
-    feats: torch.Tensor
-    resolution: int
-    transform: Normalization | None = None
 
 
 @dataclass
@@ -126,47 +111,3 @@ def reconstruct(model: SparseFlexVAE, mesh: Mesh, num_points: int | None = None,
         from ..eval.metrics import mesh_metrics
         result.metrics = mesh_metrics(result.mesh, mesh, num_points=metrics_points, seed=seed)
     return result
-
-
-# -- latent files ------------------------------------------------------------------------------------------------------
-
-def save_latent(path: str | os.PathLike, latent: Latent) -> Path:
-    """Write a latent as safetensors, atomically."""
-    from safetensors.torch import save_file
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"coords": latent.coords.detach().cpu().long().contiguous(),
-               "feats": latent.feats.detach().cpu().float().contiguous()}
-    metadata = {"format": LATENT_FORMAT, "resolution": str(latent.resolution)}
-    if latent.transform is not None:
-        tensors["center"] = latent.transform.center.detach().cpu().double().reshape(3)
-        metadata["scale"] = json.dumps(latent.transform.scale)
-    with atomic_path(p) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return p
-
-
-def load_latent(path: str | os.PathLike) -> Latent:
-    """Read a latent written by :func:`save_latent` (one-line InputError for anything else)."""
-    from safetensors import safe_open
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such latent file")
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - the file cannot be used, whatever the reason
-        raise InputError(f"{p}: not a readable latent file ({exc})".splitlines()[0]) from None
-    if metadata.get("format") != LATENT_FORMAT or "coords" not in tensors or "feats" not in tensors:
-        raise InputError(f"{p}: not a SparseFlex latent (written by `sparseflex encode`)")
-    coords, feats = tensors["coords"], tensors["feats"]
-    r = int(metadata.get("resolution", 0))
-    if coords.dim() != 2 or coords.shape[1] != 3 or len(coords) != len(feats) or r < 1:
-        raise InputError(f"{p}: malformed latent (coords {tuple(coords.shape)}, feats {tuple(feats.shape)})")
-    if len(coords) and (int(coords.min()) < 0 or int(coords.max()) >= r):
-        raise InputError(f"{p}: latent voxel coordinates outside [0, {r})")
-    transform = None
-    if "center" in tensors:
-        transform = Normalization(tensors["center"].float(), float(json.loads(metadata["scale"])))
-    return Latent(coords, feats, r, transform)
