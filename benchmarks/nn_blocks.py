@@ -6,6 +6,10 @@ crop of it, scaled by volume, when the whole grid would not fit in memory), SDPA
 second table sweeps the occupancy of a 64^3 grid to find where sparse convolution stops beating Conv3d.
 
     python benchmarks/nn_blocks.py [--mesh PATH] [--voxels 200000] [--repeat 2] [--quick]
+                                   [--attention auto|buckets|pow2] [--only window,block,...]
+
+``--attention`` forces the layout of the attention rows (see :mod:`sparseflex.nn.attention`; ``auto`` is ``buckets``
+on the CPU); ``--only`` keeps some rows: conv, window, module, block, full, cross, norm, resample, pointnet, sweep.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
+from sparseflex.nn import attention as attention_layouts
 from sparseflex.nn import (LocalPointNet, SparseConv3d, SparseCrossAttention, SparseFullSelfAttention,
                            SparseGroupNorm, SparseTensor, SparseTransformerBlock, SparseWindowSelfAttention, conv_plan,
                            sparse_downsample, sparse_subdivide, window_ids, window_plan)
@@ -126,8 +131,10 @@ def bench_window_attention(x, channels, heads, repeat):
             *t[:m * length].view(m, length, 3, heads, d).permute(2, 0, 3, 1, 4)), qkv)
     dense_eq = timed(dense_sdpa(l_eq), repeat)
     dense_512 = timed(dense_sdpa(512), repeat)
+    pow2 = plan.layout(attention_layouts.POW2_GRANULARITY)
     note = (f"{len(win_len)} windows, mean {win_len.double().mean():.0f} voxels; {len(plan.buckets)} buckets, "
-            f"padding {100 * (len(plan.index) / n - 1):.1f}%")
+            f"padding {100 * (len(plan.index) / n - 1):.1f}% (pow2 layout: {len(pow2.buckets)} buckets, "
+            f"padding {100 * (len(pow2.index) / n - 1):.1f}%)")
     row("window attention core", f"C={channels} H={heads}, vs SDPA L={l_eq}", sparse, dense_eq, note)
     row("window attention core", f"C={channels} H={heads}, vs full 8^3 windows", sparse, dense_512,
         "dense grid equivalent: N/512 windows of 512")
@@ -278,7 +285,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; with 1 (default) the figures are process CPU time, else wall time")
     parser.add_argument("--quick", action="store_true", help="64 channels only, skip the 256-channel rows")
+    parser.add_argument("--attention", default="auto", choices=attention_layouts.BACKENDS[:3],
+                        help="layout of the attention rows (auto: buckets on the CPU)")
+    parser.add_argument("--only", default="", help="comma-separated rows to run (default: all)")
     args = parser.parse_args()
+    attention_layouts.set_attention_backend(args.attention)
+    only = set(filter(None, args.only.split(",")))
+    keep = lambda name: not only or name in only  # noqa: E731
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -296,25 +309,35 @@ def main() -> None:
               "ops of sparse code measure thread scheduling, not the code; use --threads 2 for wall time)")
     print(f"{'block':<26} {'config':<34} {'sparse s':>9} {'dense s':>9} {'ratio':>7}")
     wide = [64] if args.quick else [64, 256]
-    start = time.perf_counter()
-    conv_plan(x, 3)
-    print(f"{'  neighbour pairs (once)':<26} {'cached per coordinate set':<34} {time.perf_counter() - start:9.3f}")
-    for c in wide:
-        bench_conv(x, side, c, args.repeat)
-    start = time.perf_counter()
-    window_plan(x, 8, 0)
-    print(f"{'  window plan (once)':<26} {'cached per coordinate set':<34} {time.perf_counter() - start:9.3f}")
-    for c, h in ([(64, 1)] if args.quick else [(64, 1), (256, 4)]):
-        bench_window_attention(x, c, h, args.repeat)
-    bench_window_module(x, 128, 2, args.repeat)
-    bench_block(x, 128, 2, args.repeat)
-    bench_full_attention(128, 2, args.repeat)
-    bench_cross_attention(x, 128, 2, args.repeat)
-    for c in wide:
-        bench_group_norm(x, c, args.repeat)
-    bench_resample(x, side, 64, args.repeat)
-    bench_pointnet(25_000, args.repeat)
-    occupancy_sweep(32, args.repeat)
+    if keep("conv"):
+        start = time.perf_counter()
+        conv_plan(x, 3)
+        print(f"{'  neighbour pairs (once)':<26} {'cached per coordinate set':<34} {time.perf_counter() - start:9.3f}")
+        for c in wide:
+            bench_conv(x, side, c, args.repeat)
+    if keep("window"):
+        start = time.perf_counter()
+        window_plan(x, 8, 0).buckets  # the sort and the padded layout
+        print(f"{'  window plan (once)':<26} {'cached per coordinate set':<34} {time.perf_counter() - start:9.3f}")
+        for c, h in ([(64, 1)] if args.quick else [(64, 1), (256, 4)]):
+            bench_window_attention(x, c, h, args.repeat)
+    if keep("module"):
+        bench_window_module(x, 128, 2, args.repeat)
+    if keep("block"):
+        bench_block(x, 128, 2, args.repeat)
+    if keep("full"):
+        bench_full_attention(128, 2, args.repeat)
+    if keep("cross"):
+        bench_cross_attention(x, 128, 2, args.repeat)
+    if keep("norm"):
+        for c in wide:
+            bench_group_norm(x, c, args.repeat)
+    if keep("resample"):
+        bench_resample(x, side, 64, args.repeat)
+    if keep("pointnet"):
+        bench_pointnet(25_000, args.repeat)
+    if keep("sweep"):
+        occupancy_sweep(32, args.repeat)
 
 
 if __name__ == "__main__":

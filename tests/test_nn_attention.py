@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sparseflex.errors import InputError
+from sparseflex.errors import InputError, OptionError
 from sparseflex.nn import (SparseCrossAttention, SparseFullSelfAttention, SparseTensor, SparseWindowSelfAttention,
                            VarlenPlan, window_ids)
 from sparseflex.sparse import dense_grid
@@ -44,11 +44,11 @@ def naive_self_attention(layer, x, window=None, shift=0):
 
 
 @pytest.mark.parametrize("window,shift", [(4, 0), (4, 2), (8, 4), (3, 1)])
-def test_window_attention_equals_masked_attention(window, shift):
+def test_window_attention_equals_masked_attention(window, shift, device):
     x = random_sparse(2, 11, 0.3, 8)
     layer = SparseWindowSelfAttention(8, 2, window, shift).double()
     expected = naive_self_attention(layer, x, window, shift)
-    assert torch.allclose(layer(x).feats, expected, atol=1e-12)
+    assert torch.allclose(layer.to(device)(x.to(device)).feats.cpu(), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("granularity", [0, 1, 2, 16])
@@ -74,10 +74,11 @@ def test_window_ids_are_shifted_floor_not_cyclic():
     assert ids[6] != ids[1]  # other batch item
 
 
-def test_full_attention_equals_per_sample_attention():
+def test_full_attention_equals_per_sample_attention(device):
     x = random_sparse(3, 5, 0.3, 8)
     layer = SparseFullSelfAttention(8, 4).double()
-    assert torch.allclose(layer(x).feats, naive_self_attention(layer, x), atol=1e-12)
+    expected = naive_self_attention(layer, x)
+    assert torch.allclose(layer.to(device)(x.to(device)).feats.cpu(), expected, atol=1e-12)
 
 
 def test_results_independent_of_voxel_order():
@@ -102,7 +103,7 @@ def test_batch_items_never_mix():
     assert torch.allclose(cross(both, context).feats[:len(x)], cross(x, context[:1]).feats, atol=1e-12)
 
 
-def test_cross_attention_equals_per_sample_attention():
+def test_cross_attention_equals_per_sample_attention(device):
     x = random_sparse(3, 4, 0.4, 8)
     context = torch.randn(3, 7, 5, dtype=torch.float64)
     layer = SparseCrossAttention(8, 5, 2).double()
@@ -112,9 +113,10 @@ def test_cross_attention_equals_per_sample_attention():
     for b in range(3):
         rows = x.coords[:, 0] == b
         out[rows] = naive_attention(q[rows], kv[b, :, 0], kv[b, :, 1], torch.ones(int(rows.sum()), 7, dtype=torch.bool))
-    assert torch.allclose(layer(x, context).feats, layer.to_out(out.reshape(len(x), 8)), atol=1e-12)
+    expected = layer.to_out(out.reshape(len(x), 8))
+    assert torch.allclose(layer.to(device)(x.to(device), context.to(device)).feats.cpu(), expected, atol=1e-12)
     with pytest.raises(InputError):
-        layer(x, context[:2])
+        layer(x.to(device), context[:2].to(device))
 
 
 def test_gradients_match_finite_differences():
@@ -139,3 +141,132 @@ def test_window_plan_is_cached_per_shift():
     SparseWindowSelfAttention(4, 1, 8, 0)(x)
     SparseWindowSelfAttention(4, 1, 8, 4)(x.replace(x.feats + 1))
     assert ("window", 8, 0) in x.cache and ("window", 8, 4) in x.cache
+
+
+# -- the batched layouts (pow2 buckets, varlen, padded cross-attention) against the per-bucket reference ---------------
+from sparseflex.nn import attention as attention_mod  # noqa: E402
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Stand-in for torch's CUDA-only varlen kernel: group i is q rows cu_q[i]:cu_q[i+1] on k, v rows
+    cu_k[i]:cu_k[i+1], written out with the naive attention above."""
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and cu_q.dtype == torch.int32
+    out = torch.zeros_like(q)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds_q, bounds_q[1:]))
+    assert max_k == max(b - a for a, b in zip(bounds_k, bounds_k[1:]))
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        out[q0:q1] = naive_attention(q[q0:q1], k[k0:k1], v[k0:k1], allowed)
+    return out
+
+
+def irregular_windows():
+    """Windows of very different sizes: a dense block (full 4^3 windows), a sparse sprinkle, and single voxels."""
+    dense = dense_grid(8)
+    sprinkle = dense_grid(16)[torch.rand(16 ** 3) < 0.05] + torch.tensor([0, 8, 0, 0])
+    singles = torch.tensor([[0, 30, 30, 30], [0, 40, 0, 0], [1, 1, 2, 3]])
+    coords = torch.unique(torch.cat([dense, sprinkle, singles]), dim=0)
+    coords = coords[torch.argsort(coords[:, 0], stable=True)]
+    return SparseTensor(coords, torch.randn(len(coords), 8, dtype=torch.float64))
+
+
+def fwd_bwd(fn, *inputs):
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*xs)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+    return out.detach(), [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("backend", ["pow2", "varlen"])
+@pytest.mark.parametrize("window,shift", [(4, 0), (4, 2), (8, 0), (8, 4)])
+def test_batched_window_layouts_equal_the_per_bucket_reference(monkeypatch, backend, window, shift):
+    monkeypatch.setattr(attention_mod, "_varlen_kernel", varlen_reference)
+    x = irregular_windows()
+    keys = window_ids(x.coords, window, shift)
+    plan = VarlenPlan(keys)
+    lengths = torch.unique(keys, return_counts=True)[1]
+    # the irregular sizes this test is about: single voxels to full windows, many distinct lengths
+    assert lengths.min() == 1 and lengths.max() >= 64 and len(torch.unique(lengths)) >= 8
+    qkv = torch.randn(len(x), 3, 2, 4, dtype=torch.float64)
+    with attention_mod.attention_backend("buckets"):
+        ref, (ref_grad,) = fwd_bwd(plan.attend_packed, qkv)
+    with attention_mod.attention_backend(backend):
+        out, (grad,) = fwd_bwd(plan.attend_packed, qkv)
+    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(grad, ref_grad, atol=1e-12)
+    if backend == "pow2":  # few calls: at most one per power of two
+        assert len(plan.layout(attention_mod.POW2_GRANULARITY).buckets) <= int(math.log2(window ** 3)) + 1
+        assert len(plan.buckets) > len(plan.layout(attention_mod.POW2_GRANULARITY).buckets)
+    # and the layers, full attention included
+    for layer in (SparseWindowSelfAttention(8, 2, window, shift).double(), SparseFullSelfAttention(8, 2).double()):
+        with attention_mod.attention_backend("buckets"):
+            ref = layer(x).feats
+        with attention_mod.attention_backend(backend):
+            assert torch.allclose(layer(x).feats, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["pow2", "varlen"])
+def test_batched_cross_attention_equals_one_call_per_sample(monkeypatch, backend):
+    monkeypatch.setattr(attention_mod, "_varlen_kernel", varlen_reference)
+    x = random_sparse(3, 5, 0.5, 8)
+    x = x.select(torch.cat([torch.arange(3), (x.coords[:, 0] > 0).nonzero().squeeze(1)]))  # sample 0: 3 voxels
+    context = torch.randn(3, 6, 5, dtype=torch.float64)
+    layer = SparseCrossAttention(8, 5, 2).double()
+
+    def run(f, c):
+        return layer(x.replace(f), c).feats
+    with attention_mod.attention_backend("buckets"):
+        ref, ref_grads = fwd_bwd(run, x.feats, context)
+    with attention_mod.attention_backend(backend):
+        out, grads = fwd_bwd(run, x.feats, context)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(grads, ref_grads))
+
+
+def test_a_failing_varlen_kernel_falls_back_to_padded_buckets(monkeypatch):
+    x = random_sparse(2, 6, 0.5, 8)
+    layer = SparseWindowSelfAttention(8, 2, 4, 2).double()
+    expected = layer(x).feats
+
+    def broken(*args):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore")
+    monkeypatch.setattr(attention_mod, "_varlen_kernel", broken)
+    monkeypatch.setattr(attention_mod, "_varlen_failed", False)
+    monkeypatch.setattr(attention_mod, "_resolve", lambda qkv: "varlen")  # as auto would choose on a GPU
+    with pytest.warns(RuntimeWarning, match="varlen attention failed .*Ampere"):
+        out = layer(x).feats
+    assert attention_mod._varlen_failed and torch.allclose(out, expected, atol=1e-12)
+    with attention_mod.attention_backend("varlen"), pytest.raises(RuntimeError, match="Ampere"):
+        layer(x)  # forced: the error surfaces
+
+
+def test_attention_backend_setting_is_checked():
+    with pytest.raises(OptionError):
+        attention_mod.set_attention_backend("flash")
+    assert attention_mod._backend == "auto"
+    with attention_mod.attention_backend("pow2"):
+        assert attention_mod._resolve(torch.zeros(1)) == "pow2"
+    assert attention_mod._resolve(torch.zeros(1)) == "buckets"  # auto on the CPU: today's fine buckets
+
+
+def test_varlen_self_check_rejects_a_kernel_without_backward(monkeypatch):
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k):
+            return varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("derivative for _varlen_attn is not implemented")
+
+    monkeypatch.setattr(attention_mod, "_varlen_failed", False)
+    attention_mod._varlen_works.cache_clear()
+    monkeypatch.setattr(attention_mod, "_varlen_kernel", varlen_reference)
+    assert attention_mod._varlen_works(torch.device("cpu"), torch.float64)
+    assert not attention_mod._varlen_failed
+    attention_mod._varlen_works.cache_clear()
+    monkeypatch.setattr(attention_mod, "_varlen_kernel", NoBackward.apply)
+    with pytest.warns(RuntimeWarning, match="varlen attention unusable .*not implemented"):
+        assert not attention_mod._varlen_works(torch.device("cpu"), torch.float64)
+    assert attention_mod._varlen_failed
+    attention_mod._varlen_works.cache_clear()

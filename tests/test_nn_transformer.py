@@ -73,14 +73,15 @@ def explicit_block(block, x):
     return f + block.mlp.mlp[2](hidden)
 
 
-def test_block_equals_explicit_formula_and_big_window_equals_full():
+def test_block_equals_explicit_formula_and_big_window_equals_full(device):
     x = random_sparse(2, 6, 0.4, 8)
     window = SparseTransformerBlock(8, 2, window_size=16, shift=3).double()  # one window holds each whole sample
     full = SparseTransformerBlock(8, 2, attn_mode="full").double()
     full.load_state_dict(window.state_dict())
     expected = explicit_block(window, x)
-    assert torch.allclose(window(x).feats, expected, atol=1e-12)
-    assert torch.allclose(full(x).feats, expected, atol=1e-12)
+    on_device = x.to(device)
+    assert torch.allclose(window.to(device)(on_device).feats.cpu(), expected, atol=1e-12)
+    assert torch.allclose(full.to(device)(on_device).feats.cpu(), expected, atol=1e-12)
 
 
 def test_checkpointing_recomputes_and_gives_same_gradients():

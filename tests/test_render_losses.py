@@ -31,9 +31,12 @@ def _maps(seed, b=2, h=24, w=24):
             "normal": n * mask[..., None]}
 
 
-def test_render_loss_parts_and_weights():
+def test_render_loss_parts_and_weights(device):
     pred, gt = _maps(1), _maps(2)
+    on_device = render_loss({k: t.to(device) for k, t in pred.items()}, {k: t.to(device) for k, t in gt.items()})
     total, parts = render_loss(pred, gt)
+    assert {t.device.type for t in [on_device[0], *on_device[1].values()]} == {device.type}
+    assert all(on_device[1][k].item() == pytest.approx(v.item(), rel=1e-9) for k, v in parts.items())
     assert set(parts) == {"mask", "depth", "normal", "ssim"}
     assert total == pytest.approx(sum(p.item() for p in parts.values()))
     m = gt["mask"] > 0

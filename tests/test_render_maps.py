@@ -19,13 +19,15 @@ def _front_camera(size=32, fov=60.0, dtype=torch.float64, near=0.1, far=10.0):
     return Camera(intrinsics(fov, size, size, dtype=dtype), torch.eye(4, dtype=dtype), size, size, near, far)
 
 
-def test_plane_depth_normal_and_both_sides():
-    cam = _front_camera()
+def test_plane_depth_normal_and_both_sides(device):
+    cam = _front_camera().to(device)
     # A tilted plane z = 1 + 0.3 x, wound both ways.
-    v = torch.tensor([[-3, -3, 0.1], [3, -3, 1.9], [3, 3, 1.9], [-3, 3, 0.1]], dtype=torch.float64)
+    v = torch.tensor([[-3, -3, 0.1], [3, -3, 1.9], [3, 3, 1.9], [-3, 3, 0.1]], dtype=torch.float64, device=device)
     for f in (torch.tensor([[0, 1, 2], [0, 2, 3]]), torch.tensor([[0, 2, 1], [0, 3, 2]])):
-        out = render(v, f, cam, antialias_edges=False)
-        d = cam.pixel_directions()[0]
+        out = render(v, f.to(device), cam, antialias_edges=False)
+        assert {t.device.type for t in out.values()} == {device.type}
+        out = {k: t.cpu() for k, t in out.items()}
+        d = cam.to("cpu").pixel_directions()[0]
         z = 1.0 / (1 - 0.3 * d[..., 0])                      # ray t * d meets z = 1 + 0.3 x
         assert out["mask"].all()
         assert torch.allclose(out["depth"][0], z, atol=1e-12)

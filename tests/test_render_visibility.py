@@ -77,12 +77,16 @@ def test_backends_agree_with_trimesh_ray_casting(shared_meshes, group, name):
         assert (ids["torch"] == ids["embree"]).float().mean() >= 0.999
 
 
-def test_bounded_memory_chunks_give_the_same_ids():
+def test_bounded_memory_chunks_give_the_same_ids(device):
     mesh = trimesh.creation.icosphere(3, radius=0.4)
     v, f = torch.tensor(mesh.vertices, dtype=torch.float32), torch.tensor(mesh.faces)
     cam = sphere_views(2, size=48)
     full = rasterize(v, f, cam, backend="torch")
-    assert torch.equal(rasterize(v, f, cam, backend="torch", chunk=97), full)
+    v, f, cam = v.to(device), f.to(device), cam.to(device)
+    chunked = rasterize(v, f, cam, backend="torch", chunk=97)
+    assert chunked.device.type == device.type and torch.equal(chunked.cpu(), full)
+    if device.type == "cuda":  # auto is the torch path there
+        assert torch.equal(rasterize(v, f, cam, backend="auto").cpu(), full)
 
 
 def _floor_scene():

@@ -317,14 +317,15 @@ def items(tmp_path_factory):
     return [prepared_item(tmp, torus_mesh(), "torus"), prepared_item(tmp, sphere_mesh(), "sphere")]
 
 
-def test_vae_loss_has_every_term_and_reaches_every_module(items):
+def test_vae_loss_has_every_term_and_reaches_every_module(items, device):
     from sparseflex.train.vae_task import VAETask
     task = VAETask(vae_config())
     torch.manual_seed(0)
-    model = task.build_model()
+    model = task.build_model().to(device)
     batch = task.collate(items[:1])
     batch["seeds"], batch["step"] = [5], 0
     total, parts = task.loss(model, batch)
+    assert {v.device.type for v in [total, *parts.values()]} == {device.type}
     # a zero-initialised head puts every corner inside: no surface yet, but the SDF term and the pruning BCE
     # (logit 0 -> log 2) already give gradients
     assert {"mask", "depth", "normal", "ssim", "kl", "prune", "sdf", "sign", "l1", "consistency"} <= set(parts)

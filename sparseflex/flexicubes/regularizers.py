@@ -21,6 +21,11 @@ def sdf_sign_loss(corner_sdf: torch.Tensor, crossing_edges: torch.Tensor, scale:
 
 
 def weight_l1(*raw_weights: torch.Tensor) -> torch.Tensor:
-    """Mean absolute value of the raw (pre-activation) FlexiCubes weights: keeps them near their neutral value."""
+    """Mean absolute value of the raw (pre-activation) FlexiCubes weights: keeps them near their neutral value.
+
+    With no weight at all (a view that sees no voxel) it is 0 on the weights' device and in their dtype: a CPU
+    zero stacked with the other views' CUDA values crashed VAE training."""
     terms = [w.abs().mean() for w in raw_weights if w.numel()]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    if terms:
+        return torch.stack(terms).sum()
+    return raw_weights[0].new_zeros(()) if raw_weights else torch.zeros(())

@@ -12,6 +12,7 @@ whole batch would.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.mesh import Mesh
@@ -20,7 +21,7 @@ from ..fit.sectional import sectional_render_loss
 from ..fit.views import ViewSampler
 from ..flexicubes.init_sdf import oriented_point_sdf
 from ..flexicubes.representation import SparseFlex
-from ..sparse.coords import dilate, downsample
+from ..sparse.coords import VoxelHash, batched, dilate, downsample
 from .config import TrainConfig
 
 
@@ -68,7 +69,7 @@ class VAETask:
         return collate(items)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from ..models.vae import kl_divergence, occupancy_bce
+        from ..models.vae import kl_divergence
         from ..nn import SparseTensor
 
         cfg, w = self.config, self.config.loss
@@ -90,6 +91,9 @@ class VAETask:
         z = mean.replace(mean.feats + torch.exp(0.5 * logvar.feats) * eps)
         decoding = model.decode(z, occupancy, resolution=resolution)
 
+        # pruning targets of the whole batch, one voxel hash per level (not one per item and level)
+        targets = [VoxelHash(batched(occ)).lookup(p.coords) >= 0 for p, occ in zip(decoding.prune, occupancy)
+                   ] if w.prune else []
         items: list[dict[str, torch.Tensor]] = []
         with torch.autocast(dev.type, enabled=False):  # geometry and rendering always in float32
             for i, g in enumerate(gens):
@@ -98,9 +102,12 @@ class VAETask:
                 parts["kl"] = w.kl * kl_divergence(SparseTensor(mean.coords[rows], mean.feats[rows].float()),
                                                    SparseTensor(mean.coords[rows], logvar.feats[rows].float()))
                 if w.prune:
-                    bce = [occupancy_bce(p.coords[r], p.logits[r].float(), occupancy[level])
-                           for level, p in enumerate(decoding.prune)
-                           for r in [_rows(p.coords[:, 0], i)] if len(r)]
+                    bce = []
+                    for level, p in enumerate(decoding.prune):
+                        r = _rows(p.coords[:, 0], i)
+                        if len(r):  # what models.vae.occupancy_bce computes, on the item's rows
+                            logits = p.logits[r].float()
+                            bce.append(F.binary_cross_entropy_with_logits(logits, targets[level][r].to(logits.dtype)))
                     if bce:
                         parts["prune"] = w.prune * torch.stack(bce).mean()
                 sf = _float32(decoding.sparseflex(i))
