@@ -2,7 +2,7 @@
 
     python benchmarks/fit.py --out DIR [--resolution 256] [--iterations 600] [--groups closed,open,interior]
         [--meshes-per-group N] [--baselines convert,udf,sdf,dense] [--skip-fit] [--dense-budget-gb 8] [--points 300000]
-        [--verbose]
+        [--verbose] [--per-mesh]
     python benchmarks/fit.py --calibrate 16,32,64     # peak memory of dense FlexiCubes fits (baselines.DENSE_*)
 
 Methods, all on the mesh normalised to [-0.5, 0.5]^3 at resolution R:
@@ -13,7 +13,8 @@ Methods, all on the mesh normalised to [-0.5, 0.5]^3 at resolution R:
   dense    dense FlexiCubes fitted by the same Fitter, at the largest power of two <= R within --dense-budget-gb.
 Each method runs in its own subprocess, so its wall time and peak resident memory (VmHWM, including the ~0.3 GB of
 Python + torch) are its own. Metrics (CD x10^4, F-score@0.001 / @0.01 in %, normal consistency; point-to-surface,
-README) are computed in this process from the saved meshes. Writes DIR/results.json (after every mesh), the meshes
+README) and the topology after welding (boundary edges, boundary loops against the input's, non-manifold edges) are
+computed in this process from the saved meshes. --per-mesh prints one table per group with a row per mesh and method. Writes DIR/results.json (after every mesh), the meshes
 (DIR/meshes/GROUP/MESH/METHOD.ply) and, for every open mesh, DIR/MESH_compare.png (normal renders of ground truth,
 fit and watertight baseline).
 """
@@ -90,7 +91,7 @@ def child(method: str, mesh_path: Path, resolution: int, iterations: int, out_pa
 def measure_mesh(path: Path, group: str, args, dense_resolution: int) -> dict:
     from sparseflex.data.mesh import load_mesh, normalize
     from sparseflex.eval.metrics import mesh_metrics
-    from sparseflex.eval.topology import boundary_edges
+    from sparseflex.eval.topology import topology
     from sparseflex.fit.baselines import is_watertight
     from sparseflex.fit.report import comparison_image
 
@@ -98,7 +99,9 @@ def measure_mesh(path: Path, group: str, args, dense_resolution: int) -> dict:
     watertight = is_watertight(gt)
     out_dir = Path(args.out) / "meshes" / group / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"group": group, "mesh": path.name, "watertight": watertight, "methods": {}}
+    reference = topology(gt.vertices, gt.faces)
+    record = {"group": group, "mesh": path.name, "watertight": watertight,
+              "boundary_loops": reference["boundary_loops"], "methods": {}}
     meshes = {}
     for method in (*(() if args.skip_fit else ("fit",)), *args.baselines):
         if method == "sdf" and not watertight:
@@ -111,7 +114,9 @@ def measure_mesh(path: Path, group: str, args, dense_resolution: int) -> dict:
             if pred is not None:
                 meshes[method] = pred
                 row.update(mesh_metrics(pred, gt, num_points=args.points, ceiling=False))
-                row["boundary_edges"] = len(boundary_edges(pred.faces))
+                topo = topology(pred.vertices, pred.faces)
+                row.update({k: topo[k] for k in ("boundary_edges", "boundary_loops", "nonmanifold_edges")})
+                row["loops_kept"] = int(topo["boundary_loops"] == reference["boundary_loops"])
             else:
                 row.update({k: None for k in ("chamfer", "normal_consistency")},
                            **{"fscore@0.001": 0.0, "fscore@0.01": 0.0})
@@ -134,13 +139,16 @@ def _row(label: str, row: dict, count: str = "") -> str:
     return (f"{label:<17} {count:>3} {_fmt(row.get('chamfer'), '.4f', 9)} {_fmt(row.get('fscore@0.001'), '.2f', 7)} "
             f"{_fmt(row.get('fscore@0.01'), '.2f', 7)} {_fmt(row.get('normal_consistency'), '.3f', 6)} "
             f"{_fmt(row.get('seconds'), '.1f', 8)} {_fmt(row.get('peak_gb'), '.2f', 7)} "
-            f"{_fmt(row.get('boundary_edges'), 'd', 8)}")
+            f"{_fmt(row.get('boundary_edges'), 'd', 9)} {_fmt(row.get('nonmanifold_edges'), 'd', 7)} "
+            f"{_fmt(row.get('boundary_loops'), 'd', 5)}")
 
 
-def group_table(group: str, records: list[dict], methods: list[str], resolution: int, dense_resolution: int) -> None:
+def group_table(group: str, records: list[dict], methods: list[str], resolution: int, dense_resolution: int,
+                per_mesh: bool = False) -> None:
     print(f"\n{group} ({len(records)} meshes), resolution {resolution} (dense {dense_resolution})")
     print(f"{'method':<17} {'n':>3} {'CD x1e4':>9} {'F@.001':>7} {'F@.01':>7} {'NC':>6} {'time s':>8} {'peak GB':>7} "
-          f"{'bnd edges':>8}")
+          f"{'bnd edges':>9} {'non-man':>7} {'loops':>5} loops kept")
+    loops_in = sum(r["boundary_loops"] for r in records)
     for method in methods:
         rows = [r["methods"][method] for r in records if method in r["methods"]]
         ok = [r for r in rows if "error" not in r]
@@ -150,12 +158,21 @@ def group_table(group: str, records: list[dict], methods: list[str], resolution:
             print(_row(LABELS[method], rows[0]))
             continue
         mean = {}
-        for k in (*KEYS, "boundary_edges"):
+        for k in KEYS:
             vals = [r[k] for r in ok if r.get(k) is not None]
             mean[k] = sum(vals) / len(vals) if vals else None
-        mean["boundary_edges"] = None if mean["boundary_edges"] is None else round(mean["boundary_edges"])
+        for k in ("boundary_edges", "nonmanifold_edges", "boundary_loops", "loops_kept"):  # totals over the meshes
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            mean[k] = sum(vals) if vals else None
         failed = f" ({len(rows) - len(ok)} failed)" if len(ok) < len(rows) else ""
-        print(_row(LABELS[method], mean, str(len(ok))) + failed)
+        kept = "" if mean["loops_kept"] is None else f" {mean['loops_kept']}/{len(ok)} (input: {loops_in} loops)"
+        print(_row(LABELS[method], mean, str(len(ok))) + kept + failed)
+    if per_mesh:
+        for r in records:
+            for method in methods:
+                if method in r["methods"]:
+                    label = f"  {r['mesh'][:24]:<24} ({r['boundary_loops']} loops) {LABELS[method]}"
+                    print(_row(label[:60], r["methods"][method]))
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -199,7 +216,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=0, help="0: automatic (FitConfig.size)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per method and mesh")
     ap.add_argument("--calibrate", default="", help="comma-separated resolutions: measure dense-fit peak memory")
-    ap.add_argument("--verbose", action="store_true", help="per-mesh rows too")
+    ap.add_argument("--verbose", action="store_true", help="per-mesh rows while it runs")
+    ap.add_argument("--per-mesh", action="store_true", help="per-mesh rows in the group tables")
     args = ap.parse_args()
     if args.calibrate:
         calibrate([int(r) for r in args.calibrate.split(",")])
@@ -234,7 +252,7 @@ def main() -> None:
             records.append(measure_mesh(path, group, args, dense_res))
             payload["records"].append(records[-1])
             write_json(out / "results.json", payload)
-        group_table(group, records, methods, args.resolution, dense_res)
+        group_table(group, records, methods, args.resolution, dense_res, args.per_mesh)
     print(f"\nresults: {out / 'results.json'}")
 
 

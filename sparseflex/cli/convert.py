@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from .common import add_overwrite, metrics_points, number, output_path, seed_option
@@ -31,6 +32,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..data.mesh import SAVE_FORMATS, Mesh, load_mesh, normalize, save_mesh
+    from ..eval.topology import topology_report, topology_warning
     from ..fit.convert import mesh_to_sparseflex
 
     out = output_path(args.output, args.overwrite, SAVE_FORMATS)
@@ -45,8 +47,12 @@ def run(args) -> int:
     report = {"output": str(out), "resolution": args.resolution, "voxels": sf.num_voxels,
               "vertices": len(result.vertices), "faces": len(result.faces),
               "seconds": round(time.perf_counter() - start, 2)}
+    report["topology"] = topology_report(result, mesh)
     if not args.no_metrics:
         from ..eval.metrics import mesh_metrics
         report["metrics"] = mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed)
+    warning = topology_warning(report["topology"])
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0

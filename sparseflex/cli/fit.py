@@ -71,6 +71,7 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
     from ..data.mesh import Mesh, save_mesh
     from ..eval.metrics import mesh_metrics
     from ..eval.resources import peak_memory_bytes
+    from ..eval.topology import topology_report, topology_warning
     from ..fit.fitter import Fitter, save_checkpoint
     from ..fit.report import comparison_image, loss_curve
     from ..io import write_atomic
@@ -108,9 +109,13 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
         "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak_memory_bytes(args.device) / 1e9, 2),
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
         "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
+        "topology": topology_report(result, mesh),
     }
     write_atomic(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     comparison_image(normed.to("cpu"), {"fitted": fitted_normed.to("cpu")}, out / "comparison.png")
     loss_curve(fitter.state.history, out / "loss.png", title=f"sparseflex fit {Path(args.input).name}")
+    warning = topology_warning(report["topology"])
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0

@@ -1,4 +1,5 @@
-"""`sparseflex metrics PRED GT`: Chamfer distance, F-scores and normal consistency of PRED against GT, as JSON."""
+"""`sparseflex metrics PRED GT`: Chamfer distance, F-scores and normal consistency of PRED against GT, and whether PRED
+is watertight with as many boundary loops and components as GT, as JSON."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..data.mesh import load_mesh
     from ..eval.metrics import mesh_metrics
+    from ..eval.topology import topology_report
 
-    result = mesh_metrics(load_mesh(args.pred), load_mesh(args.gt), num_points=args.points, seed=args.seed,
-                          ceiling=not args.no_ceiling)
+    pred, gt = load_mesh(args.pred), load_mesh(args.gt)
+    result = mesh_metrics(pred, gt, num_points=args.points, seed=args.seed, ceiling=not args.no_ceiling)
+    result["topology"] = topology_report(pred, gt, names=("prediction", "reference"))
     print(json.dumps(result, indent=2))
     return 0

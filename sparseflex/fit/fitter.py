@@ -24,8 +24,9 @@ from ..flexicubes.init_sdf import OrientedPoints
 from ..flexicubes.representation import SparseFlex
 from ..io import atomic_path, safe_torch_load, to_plain
 from ..losses import RenderLossWeights
-from ..sparse.coords import VoxelHash
-from .convert import default_num_points, mesh_to_sparseflex, surface_band
+from ..sparse.coords import VoxelHash, coords_to_keys
+from .convert import (CornerField, Cuts, close_and_settle, default_num_points, mesh_to_sparseflex, rim_edges,
+                      surface_band)
 from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
 
@@ -143,6 +144,16 @@ def refine(sf: SparseFlex, band: torch.Tensor, margin: int = 1) -> SparseFlex:
     return fine.select(VoxelHash(band).lookup(fine.coords) >= 0)
 
 
+def rim_guard(sf: SparseFlex) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corner rows, inside) of the rim corners (ends of :func:`~sparseflex.fit.convert.rim_edges`) and their signs.
+
+    A crossing edge yields a face only when its 4 voxels are active, so the surface gets a boundary where a rim
+    edge starts to cross: the fit keeps these corners' signs (:meth:`Fitter.step`), so it never opens a surface
+    that ``convert`` closed (it did: featuretype 160 -> 328 boundary edges, gargoyle 0 -> 6)."""
+    rows = torch.unique(rim_edges(sf.voxel_corners, len(sf.corners)).reshape(-1))
+    return rows, sf.sdf.detach()[rows] < 0
+
+
 class Fitter:
     """Fits a SparseFlex to a normalised ground-truth mesh. Call :meth:`run`; it can be resumed from a state."""
 
@@ -156,7 +167,7 @@ class Fitter:
         self.points, self.normals, _ = sample_surface(self.gt, n_points, generator=gen)
         self.sampler = ViewSampler(self.points, self.normals, config.size(), config.views, gen)
         if state is None:
-            sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin, samples=self.samples)
+            sf = mesh_to_sparseflex(self.gt, config.stages()[0], dilation=config.margin, field=self.field)
             # The corners convert moved onto the mid-sheet of a feature thinner than a voxel (the only ones it
             # deforms) stay put: the renders cannot resolve such features, and their gradients closed the thin gaps
             # of an assembly (box enclosure at 128: normal consistency 0.976 after convert, 0.968 after fitting).
@@ -164,6 +175,7 @@ class Fitter:
         elif state.rng_state is not None:  # resuming: continue the camera sequence where it stopped
             self.sampler.generator.set_state(state.rng_state)
         self.state = state
+        self.guard = rim_guard(state.sf)
         self._release_samples_when_done()
         self.sampler.resolution = state.sf.resolution
         self.optimizer = make_optimizer(state.sf, config)
@@ -176,10 +188,16 @@ class Fitter:
         """The ground-truth samples with their KD-trees (built once: convert and every refinement use them)."""
         return OrientedPoints(self.points, self.normals)
 
+    @functools.cached_property
+    def field(self) -> CornerField:
+        """Corner values from the ground truth (convert's, for the start and the voxels a refinement adds)."""
+        return CornerField(self.gt, self.samples)
+
     def _release_samples_when_done(self) -> None:
         """Free the KD-trees once no refinement is left (about 3 GB at 1024, better spent on the fit)."""
         if self.state.stage + 1 >= len(self.config.stages()):
             self.__dict__.pop("samples", None)
+            self.__dict__.pop("field", None)
 
     # -- one step -------------------------------------------------------------------------------------------------
     def step(self) -> tuple[str, float, dict]:
@@ -198,8 +216,21 @@ class Fitter:
                     if p.grad is not None:
                         p.grad[self.state.pinned] = 0
             self.optimizer.step()
+            self._keep_rim_signs()
         timing["backward"] += time.perf_counter() - t3
         return kind, float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def _keep_rim_signs(self) -> None:
+        """Put back, a hair's breadth from zero, the sign of every rim corner a step changed (see :func:`rim_guard`)."""
+        rows, inside = self.guard
+        if not len(rows):
+            return
+        sdf = self.state.sf.sdf
+        changed = (sdf[rows] < 0) != inside
+        if bool(changed.any()):
+            eps = 1e-4 / self.state.sf.resolution
+            sdf[rows[changed]] = torch.where(inside[changed], -eps, eps).to(sdf.dtype)
 
     def _set_learning_rate(self) -> None:
         """Cosine decay from the configured rates to ``lr_final`` of them over the current stage."""
@@ -229,8 +260,8 @@ class Fitter:
                 if on_checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                     on_checkpoint(self.snapshot())
             if st.stage + 1 < len(stages):
-                band = surface_band(self.gt, st.sf.resolution * 2, self.samples, cfg.margin)
-                st.sf = refine(st.sf, band, cfg.margin)
+                st.sf = self._refine(st.sf)
+                self.guard = rim_guard(st.sf)
                 st.pinned = None
                 self.sampler.resolution = st.sf.resolution
                 self.optimizer = make_optimizer(st.sf, cfg)
@@ -238,6 +269,16 @@ class Fitter:
             st.stage += 1
             self._release_samples_when_done()
         return st.sf
+
+    def _refine(self, sf: SparseFlex) -> SparseFlex:
+        """:func:`refine` to twice the resolution, then closed like ``convert``'s band (new corners take the
+        ground truth's values) and its rim settled, so the next stage starts as closed as ``convert`` would."""
+        r = sf.resolution * 2
+        cuts = Cuts(self.gt, 0.25 / r, closed=self.field.closed)
+        band = surface_band(self.gt, r, self.samples, self.config.margin, cuts=cuts)
+        fine = refine(sf, band, self.config.margin)
+        known = (coords_to_keys(fine.corners), fine.sdf.detach(), fine.displacement().detach())
+        return close_and_settle(fine.coords, r, self.field, cuts, known=known)
 
     def snapshot(self) -> FitState:
         st = self.state

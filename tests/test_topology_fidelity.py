@@ -1,0 +1,273 @@
+"""Topology fidelity (issue 18): a watertight input gives a watertight output after ``convert`` and after ``fit``
+(no boundary, no non-manifold edge once coincident vertices are welded); an open input keeps its number of boundary
+loops; ``convert``, ``fit`` and ``metrics`` report the check.
+
+Expectations are independent of the code under test: watertightness of the shared meshes comes from their
+MANIFEST, loop counts from the input meshes, and the generated solids are watertight by construction (boundary faces
+of a set of cells on one rectilinear grid). The surface sample is kept small (``num_points``; the fit's through
+``default_num_points``): for a watertight input the signs come from ray parity, and closing the band does not
+depend on the sample's density, only the accuracy does.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparseflex.cli import main
+from sparseflex.data.mesh import Mesh, load_mesh, normalize, save_mesh
+from sparseflex.eval.topology import topology, topology_report
+from sparseflex.fit import fitter as fitter_module
+from sparseflex.fit.convert import mesh_to_sparseflex
+from sparseflex.fit.fitter import FitConfig, Fitter
+
+POINTS = 300_000
+
+
+# -- generated watertight solids with sharp features -------------------------------------------------------------------
+
+def cell_solid(xs, ys, zs, filled, rotate: bool = True) -> Mesh:
+    """The boundary of the cells ``filled [X, Y, Z]`` of the rectilinear grid with planes ``xs, ys, zs``: every face
+    between a filled and an empty cell, as two triangles facing the empty one. Watertight and edge-manifold as long
+    as no two filled cells meet along an edge only. ``rotate`` turns it by a generic rotation, so that its sharp
+    edges and thin walls run oblique to the voxel grid."""
+    filled = np.pad(np.asarray(filled, dtype=bool), 1)
+    planes = [np.asarray(p, dtype=np.float64) for p in (xs, ys, zs)]
+    def index(i, j, k):  # the vertex at plane triple (i, j, k)
+        return (i * len(planes[1]) + j) * len(planes[2]) + k
+
+    faces = []
+    for axis in range(3):
+        step = [0, 0, 0]
+        step[axis] = 1
+        a = filled[1:-1, 1:-1, 1:-1]
+        b = filled[1 + step[0]:filled.shape[0] - 1 + step[0], 1 + step[1]:filled.shape[1] - 1 + step[1],
+                   1 + step[2]:filled.shape[2] - 1 + step[2]]
+        c = filled[1 - step[0]:filled.shape[0] - 1 - step[0], 1 - step[1]:filled.shape[1] - 1 - step[1],
+                   1 - step[2]:filled.shape[2] - 1 - step[2]]
+        u, v = (axis + 1) % 3, (axis + 2) % 3
+        for side, other in ((1, b), (0, c)):
+            for cell in np.argwhere(a & ~other):
+                base = cell.copy()
+                base[axis] += side
+                quad = []
+                for du, dv in ((0, 0), (1, 0), (1, 1), (0, 1)):
+                    p = base.copy()
+                    p[u] += du
+                    p[v] += dv
+                    quad.append(index(*p))
+                if side == 0:
+                    quad = quad[::-1]
+                faces += [[quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]]
+    grid = np.stack(np.meshgrid(*planes, indexing="ij"), -1).reshape(-1, 3)
+    if rotate:
+        ax, ay = np.radians(23.0), np.radians(37.0)
+        rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+        ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+        grid = grid @ (ry @ rx).T
+    faces = np.asarray(faces, dtype=np.int64)
+    used, inverse = np.unique(faces, return_inverse=True)
+    return Mesh(torch.tensor(grid[used], dtype=torch.float32), torch.from_numpy(inverse.reshape(-1, 3)))
+
+
+def cube(rotate=False):
+    return cell_solid([0, 1], [0, 1], [0, 1], np.ones((1, 1, 1)), rotate)
+
+
+def thin_walled_part():
+    """A CAD-like part: an open-topped box whose walls and floor are 0.4 % of its size thick (a quarter of a voxel
+    at 64, one voxel at 256), with a thin rib across it and a square hole through the floor."""
+    t = 0.004
+    xs = [0, t, 0.45, 0.45 + t, 0.6, 0.7, 1 - t, 1]
+    ys = [0, t, 0.4, 0.55, 1 - t, 1]
+    zs = [0, t, 0.7]
+    filled = np.zeros((7, 5, 2), dtype=bool)
+    filled[:, :, 0] = True            # floor
+    filled[4, 2, 0] = False           # hole through the floor
+    filled[[0, -1], :, 1] = True      # walls along y
+    filled[:, [0, -1], 1] = True      # walls along x
+    filled[2, :, 1] = True            # the rib
+    return cell_solid(xs, ys, zs, filled)
+
+
+def genus_three():
+    """A slab with three square holes through it (genus 3)."""
+    xs = [0, 0.1, 0.25, 0.35, 0.5, 0.6, 0.75, 0.85, 1.0]
+    filled = np.ones((8, 3, 1), dtype=bool)
+    filled[[1, 3, 5], 1, 0] = False
+    return cell_solid(xs, [0, 0.15, 0.3, 0.45], [0, 0.12], filled)
+
+
+def touching_boxes():
+    """Two closed boxes that touch face to face (two watertight components sharing part of a face)."""
+    a = cell_solid([0, 0.5], [0, 0.5], [0, 0.5], np.ones((1, 1, 1)), rotate=True)
+    b = cell_solid([0.5, 0.9], [0.1, 0.4], [0.05, 0.35], np.ones((1, 1, 1)), rotate=True)
+    return Mesh(torch.cat([a.vertices, b.vertices]), torch.cat([a.faces, b.faces + len(a.vertices)]))
+
+
+SOLIDS = {"cube": cube, "rotated_cube": lambda: cube(True), "thin_walled_part": thin_walled_part,
+          "genus_three": genus_three, "touching_boxes": touching_boxes}
+
+
+def test_generated_solids_are_watertight_with_the_intended_genus():
+    for name, make in SOLIDS.items():
+        mesh = make()
+        t = topology(mesh.vertices, mesh.faces)
+        assert t["watertight"], name
+        v, e = len(np.unique(mesh.faces.numpy())), len(np.unique(np.sort(mesh.faces.numpy()[:, [0, 1, 1, 2, 2, 0]]
+                                                                     .reshape(-1, 2), 1), axis=0))
+        genus = (2 * t["components"] - (v - e + len(mesh.faces))) // 2
+        assert genus == {"genus_three": 3, "thin_walled_part": 1}.get(name, 0), name
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+
+def manifest(root):
+    with open(root / "MANIFEST.tsv") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def shared(root, watertight: bool):
+    return [root / r["group"] / r["file"] for r in manifest(root) if (r["watertight"] == "yes") == watertight]
+
+
+def closed_output(mesh: Mesh):
+    t = topology(mesh.vertices, mesh.faces)
+    return t["boundary_edges"], t["nonmanifold_edges"]
+
+
+def loops(mesh: Mesh) -> int:
+    return topology(mesh.vertices, mesh.faces)["boundary_loops"]
+
+
+def converted(gt: Mesh, resolution: int) -> Mesh:
+    ex = mesh_to_sparseflex(gt, resolution, num_points=POINTS).extract()
+    return Mesh(ex.vertices, ex.faces)
+
+
+def convert_and_fit(gt: Mesh, resolution: int, monkeypatch, iterations: int = 8, **config) -> tuple[Mesh, Mesh]:
+    """The meshes of ``convert`` and of a short fit from it (the fit converts exactly so; done once for both). The
+    SDF's learning rate is 40 times the default, so that within these few steps many corner signs change, those
+    on the band's edge included, which is where a fit opened the surface."""
+    monkeypatch.setattr(fitter_module, "default_num_points", lambda n: POINTS)
+    cfg = FitConfig(resolution=resolution, iterations=iterations, image_size=64, checkpoint_every=0, lr_sdf=0.1,
+                    **config)
+    fit = Fitter(gt, cfg)
+    with torch.no_grad():
+        start = fit.state.sf.extract()
+    sf = fit.run()
+    with torch.no_grad():
+        end = sf.extract()
+    return Mesh(start.vertices, start.faces), Mesh(end.vertices, end.faces)
+
+
+def assert_watertight(gt: Mesh, resolution: int, monkeypatch, name: str, **config):
+    for what, mesh in zip(("convert", "fit"), convert_and_fit(gt, resolution, monkeypatch, **config)):
+        assert closed_output(mesh) == (0, 0), (name, resolution, what)
+
+
+# -- watertight inputs: convert and fit -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resolution", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", SOLIDS)
+def test_generated_solids_stay_watertight(name, resolution, monkeypatch):
+    assert_watertight(normalize(SOLIDS[name]())[0], resolution, monkeypatch, name)
+
+
+def test_fit_coarse_to_fine_stays_watertight(monkeypatch):
+    """Each refinement closes the finer band like convert: 32, then 64."""
+    assert_watertight(normalize(thin_walled_part())[0], 64, monkeypatch, "thin_walled_part", start_resolution=32)
+
+
+#: The shared watertight meshes whose convert or fit had holes before issue 18 (also checked at 256 here; the
+#: others at 256 by benchmarks/fit.py).
+HAD_HOLES = ("tm_featuretype.STL", "ddg_kitten.obj", "ddg_gargoyle.obj")
+
+
+@pytest.mark.parametrize("resolution", [64, pytest.param(128, marks=pytest.mark.slow),
+                                        pytest.param(256, marks=pytest.mark.slow)])
+def test_shared_watertight_meshes_stay_watertight(shared_meshes, resolution, monkeypatch):
+    paths = shared(shared_meshes, watertight=True)
+    assert len(paths) >= 7
+    for path in paths:
+        if resolution < 256 or path.name in HAD_HOLES:
+            assert_watertight(normalize(load_mesh(path))[0], resolution, monkeypatch, path.name)
+
+
+# -- open inputs ------------------------------------------------------------------------------------------------------
+# With the default surface sample: for an open input the signs are tangent-plane signs, whose accuracy the loops
+# depend on (the t-shirt at 128 gets a fifth loop from 300,000 samples, none from the default 1.8 million).
+
+@pytest.mark.slow
+def test_open_meshes_keep_their_boundary_loops_at_128(shared_meshes):
+    for path in sorted((shared_meshes / "open").iterdir()):
+        gt = normalize(load_mesh(path))[0]
+        want = loops(gt)
+        assert want > 0
+        ex = mesh_to_sparseflex(gt, 128).extract()
+        assert loops(Mesh(ex.vertices, ex.faces)) == want, path.name
+
+
+@pytest.mark.slow
+def test_fit_of_open_meshes_keeps_their_boundary_loops(shared_meshes):
+    for name in ("ddg_cowhead.obj", "dc_sock1055.obj", "gc_moebius.obj"):
+        gt = normalize(load_mesh(shared_meshes / "open" / name))[0]
+        cfg = FitConfig(resolution=64, iterations=8, image_size=64, checkpoint_every=0, lr_sdf=0.1)
+        with torch.no_grad():
+            ex = Fitter(gt, cfg).run().extract()
+        assert loops(Mesh(ex.vertices, ex.faces)) == loops(gt), name
+
+
+@pytest.mark.slow
+def test_dress_and_moebius_keep_their_boundary_loops_at_256(shared_meshes):
+    for name in ("dc_dress_v7k.obj", "gc_moebius.obj"):
+        gt = normalize(load_mesh(shared_meshes / "open" / name))[0]
+        ex = mesh_to_sparseflex(gt, 256).extract()
+        assert loops(Mesh(ex.vertices, ex.faces)) == loops(gt), name
+
+
+# -- the reports ------------------------------------------------------------------------------------------------------
+
+def test_topology_report_names_every_difference():
+    closed = normalize(cube())[0]
+    opened = Mesh(closed.vertices, closed.faces[2:])  # one face of the cube gone: one boundary loop
+    report = topology_report(opened, closed)
+    assert report["input"]["watertight"] and not report["output"]["watertight"]
+    assert (report["input"]["boundary_loops"], report["output"]["boundary_loops"]) == (0, 1)
+    assert len(report["differences"]) == 2  # watertightness and loops; one component each
+    assert topology_report(closed, closed)["differences"] == []
+
+
+def test_convert_and_metrics_report_topology(tmp_path, capsys):
+    path = tmp_path / "slab.ply"
+    save_mesh(path, genus_three())
+    assert main(["convert", str(path), "-o", str(tmp_path / "out.ply"), "--resolution", "64", "--no-metrics"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)["topology"]
+    assert report["input"]["watertight"] and report["output"]["watertight"]
+    assert report["output"]["boundary_loops"] == 0 and report["output"]["components"] == 1
+    assert report["differences"] == [] and "warning" not in out.err
+    sheet = Mesh(torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0.2]]), torch.tensor([[0, 1, 2], [1, 3, 2]]))
+    save_mesh(tmp_path / "sheet.ply", sheet)
+    assert main(["metrics", str(tmp_path / "sheet.ply"), str(path), "--points", "2000", "--no-ceiling"]) == 0
+    report = json.loads(capsys.readouterr().out)["topology"]
+    assert not report["prediction"]["watertight"] and report["reference"]["watertight"]
+    assert (report["prediction"]["boundary_loops"], report["reference"]["boundary_loops"]) == (1, 0)
+
+
+def test_fit_writes_topology_and_warns_when_it_differs(tmp_path, capsys):
+    """At 16^3 the walls of the thin-walled part (a twentieth of a voxel) come apart in places: the output is still
+    watertight, its components are not the input's, metrics.json says so and the command prints one warning."""
+    path = tmp_path / "part.ply"
+    save_mesh(path, thin_walled_part())
+    argv = ["fit", str(path), "-o", str(tmp_path / "fit"), "--resolution", "16", "--iterations", "2",
+            "--image-size", "32", "--metrics-points", "2000", "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "fit" / "metrics.json").read_text())["topology"]
+    assert report["input"]["watertight"] and report["output"]["watertight"]
+    assert report["input"]["components"] == 1 and report["output"]["components"] > 1
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"components: input 1, output {report['output']['components']}" in warnings[0]
