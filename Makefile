@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[fast,plots,test]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[fast,plots,test,app]'
 	touch $@
 
 install: $(VENV)/.installed

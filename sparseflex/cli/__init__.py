@@ -16,7 +16,8 @@ from ..errors import SparseFlexError
 from .common import Parser
 
 # Sub-command modules, in the order `sparseflex --help` lists them.
-COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct", "structure", "generate", "checkpoint"]
+COMMANDS = ["fit", "convert", "render", "metrics", "data", "train", "reconstruct", "structure", "generate", "checkpoint",
+            "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,8 @@ def image_grid(rows: list[list[np.ndarray]], row_labels: list[str] | None = None
                col_labels: list[str] | None = None, pad: int = 4) -> Image.Image:
     """Tile equally sized RGB arrays into one labelled image."""
     h, w = rows[0][0].shape[:2]
-    label_w = 90 if row_labels else 0
+    font = ImageDraw.Draw(Image.new("RGB", (1, 1))).getfont()
+    label_w = max(90, 12 + max(int(font.getlength(t)) for t in row_labels)) if row_labels else 0
     label_h = 16 if col_labels else 0
     ncol = max(len(r) for r in rows)
     canvas = Image.new("RGB", (label_w + ncol * (w + pad) + pad, label_h + len(rows) * (h + pad) + pad), "white")
