@@ -117,6 +117,45 @@ def test_slat_training_resumes_bit_for_bit(runs, tmp_path):
     assert torch.equal(params(second.model), params(full.model))
 
 
+def _slat_ddp_worker(rank, world, init_file, run_dir, latents, queue):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ds = LatentDataset(latents)
+        config = slat_config(steps=3, batch_size=2, checkpoint_every=0)
+        t = Trainer(SLatFlowTask(config, ds), ds, config, run_dir, device="cpu", quiet=True)
+        t.run()
+        queue.put((rank, torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]).numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slat_two_process_ddp_equals_one_process_with_the_combined_batch(runs, tmp_path):
+    import torch.multiprocessing as mp
+    root, _ = runs
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_slat_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp"),
+                                                        str(root / "latents"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ds = LatentDataset(root / "latents")
+    config = slat_config(steps=3, batch_size=2, checkpoint_every=0)
+    single = Trainer(SLatFlowTask(config, ds), ds, config, tmp_path / "single", device="cpu", quiet=True)
+    params = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+    start = params(single.model).clone()
+    single.run()
+    expected = params(single.model)
+    assert (expected - start).abs().max() > 1e-4
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.from_numpy(got[rank]), expected, rtol=1e-5, atol=1e-6)
+
+
 # -- pipeline files and generate --------------------------------------------------------------------------------------
 
 def test_pipeline_file_resolves_relative_parts_and_loads(runs):
