@@ -14,7 +14,8 @@ Methods, all on the mesh normalised to [-0.5, 0.5]^3 at resolution R:
 Each method runs in its own subprocess, so its wall time and peak resident memory (VmHWM, including the ~0.3 GB of
 Python + torch) are its own. Metrics (CD x10^4, F-score@0.001 / @0.01 in %, normal consistency; point-to-surface,
 README) and the topology after welding (boundary edges, boundary loops against the input's, non-manifold edges) are
-computed in this process from the saved meshes. --per-mesh prints one table per group with a row per mesh and method. Writes DIR/results.json (after every mesh), the meshes
+computed in this process from the saved meshes; the group tables give means of the metrics and totals of the
+topology (--per-mesh adds a row per mesh and method). Writes DIR/results.json (after every mesh), the meshes
 (DIR/meshes/GROUP/MESH/METHOD.ply) and, for every open mesh, DIR/MESH_compare.png (normal renders of ground truth,
 fit and watertight baseline).
 """
@@ -136,7 +137,7 @@ def _fmt(v, spec: str, width: int) -> str:
 def _row(label: str, row: dict, count: str = "") -> str:
     if "error" in row:
         return f"{label:<17} failed: {row['error']}"
-    return (f"{label:<17} {count:>3} {_fmt(row.get('chamfer'), '.4f', 9)} {_fmt(row.get('fscore@0.001'), '.2f', 7)} "
+    return (f"{label:<17} {count:>3} {_fmt(row.get('chamfer'), '.6f', 9)} {_fmt(row.get('fscore@0.001'), '.2f', 7)} "
             f"{_fmt(row.get('fscore@0.01'), '.2f', 7)} {_fmt(row.get('normal_consistency'), '.3f', 6)} "
             f"{_fmt(row.get('seconds'), '.1f', 8)} {_fmt(row.get('peak_gb'), '.2f', 7)} "
             f"{_fmt(row.get('boundary_edges'), 'd', 9)} {_fmt(row.get('nonmanifold_edges'), 'd', 7)} "

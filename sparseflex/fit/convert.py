@@ -124,10 +124,11 @@ class CornerField:
     """Corner SDF (and thin-sheet displacement) of a NORMALISED mesh at any resolution, corner by corner.
 
     Magnitude: the distance to the tangent plane of the nearest oriented sample. Sign: that plane's side, except for
-    a closed input (:func:`is_closed`), where ray parity decides (a tangent plane is on the wrong side near sharp features and thin
-    parts, which made small spurious surfaces and holes); where the two disagree the magnitude is the exact distance
-    to the triangles. Thin sheets (:meth:`OrientedPoints.thin_sheets`) then move the corners next to features
-    thinner than a voxel. Every corner's value depends on that corner alone, so a band can be grown corner by corner.
+    a closed input (:func:`is_closed`), where ray parity decides (a tangent plane is on the wrong side near sharp
+    features and thin parts, which made small spurious surfaces and holes); where the two disagree the magnitude is
+    the exact distance to the triangles. Thin sheets (:meth:`OrientedPoints.thin_sheets`) then move the corners next
+    to features thinner than a voxel. Every corner's value depends on that corner alone, so a band can be grown
+    corner by corner. No value is closer to zero than ``MIN_DISTANCE`` voxels (see the end of :meth:`__call__`).
     """
 
     MIN_DISTANCE = 1e-3  # voxels
@@ -155,7 +156,7 @@ class CornerField:
             wrong = (sdf < 0) != inside
             if bool(wrong.any()):
                 sdf[wrong] = torch.from_numpy(self.distance(pos[wrong])).to(sdf)
-            magnitude = sdf.abs().clamp_min(self.MIN_DISTANCE / resolution)
+            magnitude = sdf.abs().clamp_min(self.MIN_DISTANCE / resolution)  # a zero would read as outside
             sdf = torch.where(inside, -magnitude, magnitude)
         disp = torch.zeros_like(pos)
         if self.thin_sheets and len(pos):
