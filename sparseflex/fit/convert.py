@@ -16,6 +16,7 @@ from ..flexicubes.init_sdf import OrientedPoints
 from ..flexicubes.representation import SparseFlex, deform_for
 from ..render.visibility import cast_rays, embree_available
 from ..sparse.coords import batched, dilate
+from .stream import TiledPoints
 
 
 def default_num_points(num_voxels: int) -> int:
@@ -57,7 +58,7 @@ def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_point
         if num_points is None:  # size the sample to the voxel count, estimated from the surface area
             num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
         gen = torch.Generator().manual_seed(seed)
-        oriented = OrientedPoints(*sample_surface(mesh, num_points, generator=gen)[:2])
+        oriented = TiledPoints(*sample_surface(mesh, num_points, generator=gen)[:2])  # streamed: same SDF
     coords = surface_band(mesh, resolution, oriented, dilation, max_lateral)
     sf = SparseFlex.from_sdf(coords, resolution, oriented.sdf)
     if thin_sheets:

@@ -26,6 +26,7 @@ from ..io import atomic_path, safe_torch_load, to_plain
 from ..losses import RenderLossWeights
 from ..sparse.coords import VoxelHash
 from .optim import MOMENT_DTYPES, SectionalAdam
+from .stream import TiledPoints
 from .convert import default_num_points, mesh_to_sparseflex, surface_band
 from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
@@ -186,7 +187,7 @@ class Fitter:
     @functools.cached_property
     def samples(self) -> OrientedPoints:
         """The ground-truth samples with their KD-trees (built once: convert and every refinement use them)."""
-        return OrientedPoints(self.points, self.normals)
+        return TiledPoints(self.points, self.normals)  # trees one tile at a time (fit.stream)
 
     def _release_samples_when_done(self) -> None:
         """Free the KD-trees once no refinement is left (about 3 GB at 1024, better spent on the fit)."""
