@@ -1,7 +1,7 @@
 """Memory per voxel of `convert`, one fit step and the whole fit, the sectional path against the full-size one (issue 20).
 
     python benchmarks/memory.py [--resolutions 256,512,1024] [--meshes open/dc_dress_v7k.obj,closed/ddg_kitten.obj]
-        [--paths sectional,old,bf16] [--steps 40] [--max-gb 10] [--json OUT.json] [--skip-convert]
+        [--paths sectional,old,bf16] [--steps 40] [--max-gb 10] [--json OUT.json] [--skip-convert | --convert-only]
 
 Each case (mesh, resolution, path) runs in its own subprocess, so every peak is that process's own: peak resident
 memory (VmHWM) on the CPU, CUDA's peak allocation with --device cuda. In the fit's child the peak is reset (Linux
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.0, help="visibility ratio (0: automatic)")
     ap.add_argument("--max-gb", type=float, default=10.0, help="resident memory a child may approach")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--convert-only", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--points", type=int, default=100_000, help="samples for the fit's metrics")
     ap.add_argument("--json", default="", help="write the rows here too")
@@ -172,7 +173,7 @@ def main() -> None:
             paths = [p for p in args.paths.split(",") if p]
             cases = ([] if args.skip_convert else [("convert", "old" if p == "old" else "new")
                                                      for p in paths if p in ("old", "sectional")])
-            cases += [("fit", p) for p in paths]
+            cases += [] if args.convert_only else [("fit", p) for p in paths]
             for kind, path in cases:
                 rows.append(child(args, kind, Path(args.root) / mesh, res, path))
                 print_row(rows[-1])

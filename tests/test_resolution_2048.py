@@ -21,7 +21,9 @@ def sliver():
 def test_convert_at_2048(tmp_path, capsys):
     src, out = tmp_path / "sliver.obj", tmp_path / "out.ply"
     save_mesh(src, sliver())
-    assert main(["convert", str(src), "-o", str(out), "--resolution", "2048", "--metrics-points", "20000"]) == 0
+    # a planar shape: the tangent-plane SDF is exact with few samples (2 per surface voxel), which keeps it fast
+    assert main(["convert", str(src), "-o", str(out), "--resolution", "2048", "--points", "300000",
+                 "--metrics-points", "20000"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["resolution"] == 2048
     # the triangle (normalised: 1 x 0.008) touches about 2048 x 16 voxels, x3 with the dilation
@@ -34,7 +36,7 @@ def test_convert_at_2048(tmp_path, capsys):
     n = torch.linalg.cross(gt.vertices[1] - gt.vertices[0], gt.vertices[2] - gt.vertices[0])
     n = n / n.norm()
     dist = ((got.vertices - gt.vertices[0]) @ n).abs()
-    assert float(np.quantile(dist.numpy(), 0.99)) < 0.5 / 2048 * 1.0001 * 1  # input units: the cube's edge is 1
+    assert float(np.quantile(dist.numpy(), 0.99)) < 0.5 / 2048  # input units: the cube edge is 1, as normalised
 
 
 def test_fit_settings_at_2048():
