@@ -10,9 +10,8 @@ memory (VmHWM) on the CPU, CUDA's peak allocation with --device cuda. In the fit
 Bytes per voxel = peak / voxels (the ~0.3 GB of Python + torch included). Paths: ``sectional`` (the default:
 fit.optim.SectionalAdam, convert's samples answered tile by tile by fit.stream.TiledPoints), ``old`` (the path
 before issue 20: one KD-tree over all samples, torch.optim.Adam over full-size tensors), ``bf16`` (sectional,
-bfloat16 moments); ``convert`` is measured for the new and the old sample queries. Children run under an address-space limit of --max-gb (``ulimit -v`` semantics, a
-little above the RSS since torch reserves address space), so a case that would exceed it fails instead of taking the
-machine. Times from a loaded machine: compare ratios within one run. The fit's metrics against the input (CD,
+bfloat16 moments); ``convert`` is measured for the new and the old sample queries. A child whose resident memory passes --max-gb is stopped (polled twice a second), so
+a case that would exceed it fails instead of taking the machine. Times from a loaded machine: compare ratios within one run. The fit's metrics against the input (CD,
 F-score@0.001, normal consistency; point-to-surface with --points samples) are printed beside the memory.
 """
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -103,17 +101,34 @@ def run_case(kind: str, mesh_path: str, resolution: int, path: str, steps: int, 
     return row
 
 
+def _watch(proc: subprocess.Popen, limit: float | None) -> bool:
+    """Wait for the child, killing it if its resident memory passes ``limit`` bytes (polled twice a second)."""
+    while proc.poll() is None:
+        if limit is not None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                rss = 0
+            if rss > limit:
+                proc.kill()
+                proc.wait()
+                return True
+        time.sleep(0.5)
+    return False
+
+
 def child(args, kind: str, mesh: Path, resolution: int, path: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(mesh), str(resolution), path, str(args.steps),
            str(args.ratio), args.device, str(args.points)]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    limit = int(args.max_gb * 1e9) + (4 << 30)  # address space: torch and glibc reserve beyond what is resident
-
-    def cap():
-        if args.device == "cpu":
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, preexec_fn=cap)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    killed = _watch(proc, args.max_gb * 1e9 if args.device == "cpu" else None)
+    stdout, stderr = proc.communicate()
+    proc.stdout, proc.stderr = stdout, stderr
+    if killed:
+        return {"kind": kind, "mesh": mesh.name, "resolution": resolution, "path": path,
+                "error": f"stopped: resident memory passed {args.max_gb:g} GB"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"killed (exit {proc.returncode})"])[-1]
         return {"kind": kind, "mesh": mesh.name, "resolution": resolution, "path": path, "error": tail[:160]}
