@@ -93,8 +93,13 @@ def run_case(kind: str, mesh_path: str, resolution: int, path: str, steps: int, 
     peaks.append(_peak(device))
     row.update(step_peak=peaks[0], steps_peak=max(peaks), fit_peak=max(row["init_peak"], *peaks),
                step_seconds=round(sum(times) / len(times), 2), fit_seconds=round(time.perf_counter() - t0, 1))
+    print(json.dumps(row), file=sys.stderr, flush=True)  # kept even if the extraction below fails
+    sf = fitter.state.sf
+    del fitter  # the optimiser's moments and the samples, as `sparseflex fit` drops them before extracting
+    _reset_peak(device)
     with torch.no_grad():
-        ex = fitter.state.sf.extract()
+        ex = sf.extract()
+    row.update(extract_peak=_peak(device))
     m = mesh_metrics(Mesh(ex.vertices.detach().cpu(), ex.faces.cpu()), gt.to("cpu"), num_points=points,
                      ceiling=False)
     row.update(chamfer=m["chamfer"], f001=m["fscore@0.001"], nc=m["normal_consistency"])
@@ -128,10 +133,12 @@ def child(args, kind: str, mesh: Path, resolution: int, path: str) -> dict:
     proc.stdout, proc.stderr = stdout, stderr
     if killed:
         return {"kind": kind, "mesh": mesh.name, "resolution": resolution, "path": path,
-                "error": f"stopped: resident memory passed {args.max_gb:g} GB"}
+                "error": f"stopped: resident memory passed {args.max_gb:g} GB",
+                "partial": [ln for ln in stderr.splitlines() if ln.startswith("{")][-1:]}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"killed (exit {proc.returncode})"])[-1]
-        return {"kind": kind, "mesh": mesh.name, "resolution": resolution, "path": path, "error": tail[:160]}
+        return {"kind": kind, "mesh": mesh.name, "resolution": resolution, "path": path, "error": tail[:160],
+                "partial": [ln for ln in proc.stderr.splitlines() if ln.startswith("{")][-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -146,14 +153,15 @@ def _bpv(v, n):
 def print_row(r: dict) -> None:
     head = f"| {r['mesh'][:18]} | {r['resolution']} | {r['kind']} | {r['path']} |"
     if "error" in r:
-        print(f"{head} failed: {r['error']} |", flush=True)
+        print(f"{head} failed: {r['error']} {' '.join(r.get('partial', []))} |", flush=True)
         return
     n = r["voxels"]
     if r["kind"] == "convert":
-        print(f"{head} {n:,} | {_gb(r['peak'])} | {_bpv(r['peak'], n)} | | | | {r['seconds']} | | | |", flush=True)
+        print(f"{head} {n:,} | {_gb(r['peak'])} | {_bpv(r['peak'], n)} | | | | | {r['seconds']} | | | |", flush=True)
         return
     print(f"{head} {n:,} | {_gb(r['init_peak'])} | {_bpv(r['init_peak'], n)} | {_gb(r['step_peak'])} | "
-          f"{_bpv(r['step_peak'], n)} | {_gb(r['fit_peak'])} ({_bpv(r['fit_peak'], n)}) | {r['fit_seconds']} | "
+          f"{_bpv(r['step_peak'], n)} | {_gb(r['fit_peak'])} ({_bpv(r['fit_peak'], n)}) | "
+          f"{_gb(r['extract_peak'])} | {r['fit_seconds']} | "
           f"{r['step_seconds']} | {r['chamfer']:.3e} | {r['f001']:.3f} / {r['nc']:.5f} |", flush=True)
 
 
@@ -181,8 +189,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print("| mesh | R | case | path | voxels | peak GB (convert / fit init) | B/voxel | step peak GB | B/voxel | "
-          "whole fit GB (B/voxel) | s | s/step | CD | F@0.001 / NC |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "whole fit GB (B/voxel) | final extract GB | s | s/step | CD | F@0.001 / NC |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mesh in args.meshes.split(","):
         for res in (int(r) for r in args.resolutions.split(",")):
             paths = [p for p in args.paths.split(",") if p]

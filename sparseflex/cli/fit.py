@@ -94,6 +94,10 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
         return 130
     bar.close()
     save_checkpoint(ckpt, fitter.snapshot(), config)
+    # past the checkpoint the optimiser's moments and the samples are dead weight: free them before the full
+    # extraction, the largest allocation of the run at high resolution (issue 20)
+    fitter.optimizer = fitter.state.optimizer_state = None
+    fitter.sampler = fitter.points = fitter.normals = None
 
     with torch.no_grad():
         ex = sf.extract()
