@@ -26,6 +26,10 @@ def test_convert_round_trip(sphere_file, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["fscore@0.01"] >= 99
     assert report["metrics"]["normal_consistency"] >= 0.99
+    # memory accounting (issue 20): the peak resident memory of this process, divided by the voxels
+    from sparseflex.eval.resources import peak_memory_bytes
+    assert 0 < report["peak_memory_gb"] * 1e9 <= peak_memory_bytes() * 1.01
+    assert report["bytes_per_voxel"] == pytest.approx(report["peak_memory_gb"] * 1e9 / report["voxels"], rel=0.05)
     fitted = trimesh.load(out, process=False)
     assert fitted.is_watertight
     assert np.allclose(fitted.bounds.mean(0), [10.0, 0.0, -4.0], atol=0.05)  # back in the input's frame

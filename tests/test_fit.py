@@ -155,6 +155,7 @@ def test_fit_cli_outputs_and_resume(tmp_path, capsys):
         assert (out / name).exists(), name
     report = json.loads((out / "metrics.json").read_text())
     assert report["resolution"] == 32 and report["faces"] > 0
+    assert report["bytes_per_voxel"] == pytest.approx(report["peak_memory_gb"] * 1e9 / report["voxels"], rel=0.05)
     assert report["metrics"]["fscore@0.01"] > 90
     fitted = trimesh.load(out / "mesh.ply", process=False)
     assert np.allclose(fitted.bounds.mean(0), [5.0, -1.0, 2.0], atol=0.1)

@@ -32,6 +32,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..data.mesh import SAVE_FORMATS, Mesh, load_mesh, normalize, save_mesh
+    from ..eval.resources import peak_memory_bytes
     from ..eval.topology import topology_report, topology_warning
     from ..fit.convert import mesh_to_sparseflex
 
@@ -44,9 +45,11 @@ def run(args) -> int:
     ex = sf.extract()
     result = Mesh(transform.invert(ex.vertices), ex.faces)
     save_mesh(out, result)
+    peak = peak_memory_bytes()
     report = {"output": str(out), "resolution": args.resolution, "voxels": sf.num_voxels,
               "vertices": len(result.vertices), "faces": len(result.faces),
-              "seconds": round(time.perf_counter() - start, 2)}
+              "seconds": round(time.perf_counter() - start, 2), "peak_memory_gb": round(peak / 1e9, 2),
+              "bytes_per_voxel": round(peak / max(sf.num_voxels, 1))}  # peak resident memory / voxels
     report["topology"] = topology_report(result, mesh)
     if not args.no_metrics:
         from ..eval.metrics import mesh_metrics

@@ -95,6 +95,10 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
         return 130
     bar.close()
     save_checkpoint(ckpt, fitter.snapshot(), config)
+    # past the checkpoint the optimiser's moments and the samples are dead weight: free them before the full
+    # extraction, the largest allocation of the run at high resolution (issue 20)
+    fitter.optimizer = fitter.state.optimizer_state = None
+    fitter.sampler = fitter.points = fitter.normals = None
 
     with torch.no_grad():
         ex = sf.extract()
@@ -102,11 +106,13 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
     result = Mesh(transform.invert(fitted_normed.vertices.cpu()), fitted_normed.faces.cpu())
     save_mesh(out / "mesh.ply", result)
     wall = time.perf_counter() - start
+    peak = peak_memory_bytes(args.device)
     report = {
         "input": str(args.input), "resolution": sf.resolution, "stages": config.stages(),
         "iterations": config.iterations, "visibility_ratio": config.ratio(sf.resolution),
         "voxels": sf.num_voxels, "vertices": len(result.vertices), "faces": len(result.faces),
-        "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak_memory_bytes(args.device) / 1e9, 2),
+        "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak / 1e9, 2),
+        "bytes_per_voxel": round(peak / max(sf.num_voxels, 1)),  # peak (RSS, or CUDA's peak allocation) / voxels
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
         "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
         "topology": topology_report(result, mesh),

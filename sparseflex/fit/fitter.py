@@ -27,6 +27,8 @@ from ..losses import RenderLossWeights
 from ..sparse.coords import VoxelHash, coords_to_keys
 from .convert import (CornerField, Cuts, close_and_settle, default_num_points, mesh_to_sparseflex, rim_edges,
                       surface_band)
+from .optim import MOMENT_DTYPES, SectionalAdam
+from .stream import TiledPoints
 from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
 
@@ -67,12 +69,18 @@ class FitConfig:
     backend: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
+    optimizer: str = "sectional"       # "sectional": Adam on the section's rows only (fit.optim); "adam": full-size
+    moment_dtype: str = "float32"      # the sectional optimiser's moments: float32, bfloat16 or float16
 
     def validate(self) -> "FitConfig":
         check_range("resolution", self.resolution, 8, 2048)
         if self.resolution & (self.resolution - 1):
             raise OptionError(f"resolution must be a power of two; got {self.resolution}")
         check_range("iterations", self.iterations, 0, 10_000_000)
+        if self.optimizer not in ("sectional", "adam"):
+            raise OptionError(f"optimizer must be sectional or adam; got {self.optimizer}")
+        if self.moment_dtype not in MOMENT_DTYPES:
+            raise OptionError(f"moment dtype must be one of {', '.join(MOMENT_DTYPES)}; got {self.moment_dtype}")
         check_range("visibility ratio", self.visibility_ratio, 0, 1)
         if self.image_size:
             check_range("image size", self.image_size, 16, 4096)
@@ -127,7 +135,12 @@ def stage_steps(config: FitConfig) -> list[int]:
     return [base] * (n - 1) + [config.iterations - base * (n - 1)]
 
 
-def make_optimizer(sf: SparseFlex, config: FitConfig) -> torch.optim.Adam:
+def make_optimizer(sf: SparseFlex, config: FitConfig, pinned: torch.Tensor | None = None):
+    """The sectional optimiser (default), or ``torch.optim.Adam`` over the full tensors (``optimizer="adam"``: the
+    path before issue 20; ``pinned`` corners then get their gradients zeroed in :meth:`Fitter.step`)."""
+    if config.optimizer == "sectional":
+        return SectionalAdam(sf, (config.lr_sdf / sf.resolution, config.lr_deform, config.lr_weights),
+                             config.moment_dtype, pinned)
     for name in PARAMS:
         getattr(sf, name).requires_grad_(True)
     return torch.optim.Adam([
@@ -178,7 +191,7 @@ class Fitter:
         self.guard = rim_guard(state.sf)
         self._release_samples_when_done()
         self.sampler.resolution = state.sf.resolution
-        self.optimizer = make_optimizer(state.sf, config)
+        self.optimizer = make_optimizer(state.sf, config, state.pinned)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if state.optimizer_state is not None:
             self.optimizer.load_state_dict(state.optimizer_state)
@@ -186,7 +199,7 @@ class Fitter:
     @functools.cached_property
     def samples(self) -> OrientedPoints:
         """The ground-truth samples with their KD-trees (built once: convert and every refinement use them)."""
-        return OrientedPoints(self.points, self.normals)
+        return TiledPoints(self.points, self.normals)  # trees one tile at a time (fit.stream)
 
     @functools.cached_property
     def field(self) -> CornerField:
@@ -204,14 +217,16 @@ class Fitter:
         cfg, sf, timing = self.config, self.state.sf, self.state.timing
         kind, cam = self.sampler.sample()
         offset = float(torch.rand((), generator=self.sampler.generator))
+        select = getattr(self.optimizer, "select", None)  # the sectional optimiser's leaves
         total, parts = sectional_render_loss(sf, self.gt, cam, cfg.ratio(sf.resolution), offset, cfg.loss,
-                                             cfg.dev_weight, cfg.sign_weight, cfg.weight_l1, cfg.backend, timing)
+                                             cfg.dev_weight, cfg.sign_weight, cfg.weight_l1, cfg.backend, timing,
+                                             select)
         t3 = time.perf_counter()
         self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:
             total.backward()
-            if self.state.pinned is not None:
+            if self.state.pinned is not None and select is None:
                 for p in (sf.sdf, sf.deform):
                     if p.grad is not None:
                         p.grad[self.state.pinned] = 0

@@ -33,7 +33,8 @@ def seen_voxels(centres: torch.Tensor, camera: Camera, *maps: dict, tolerance: f
 
 def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float, offset: float,
                           weights: RenderLossWeights, dev: float, sign: float, l1: float, backend: str = "auto",
-                          timing: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          timing: dict[str, float] | None = None,
+                          select=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rendering loss of one view through a frustum section, plus the FlexiCubes regularisers of the section's voxels.
 
     ``camera`` (one view) gets near/far planes making ``ratio`` of the voxels active (``offset`` in [0, 1] chooses
@@ -46,7 +47,7 @@ def sectional_render_loss(sf: SparseFlex, gt: Mesh, camera: Camera, ratio: float
     centres = sf.voxel_centers().detach()
     # voxels within half a voxel diagonal outside the planes can hold surface the ground truth shows inside them
     cam, active = section(centres, camera, ratio, offset=offset, margin=3 ** 0.5 / (2 * sf.resolution))
-    sub = sf.select(active[0])
+    sub = (select or sf.select)(active[0])
     t1 = time.perf_counter()
     ex = sub.extract(training=True)
     t2 = time.perf_counter()

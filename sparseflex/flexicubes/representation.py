@@ -127,16 +127,25 @@ class SparseFlex:
                                weight_activation=activate_weight)
 
     # -- voxel-set edits ----------------------------------------------------------------------------------------
-    def select(self, voxel_mask: torch.Tensor) -> "SparseFlex":
-        """The SparseFlex restricted to a subset of voxels (e.g. a camera's frustum section); differentiable."""
+    def section_rows(self, voxel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of a subset of voxels: (voxel rows ``[n]``, corner rows in use ``[nc]``, their ``voxel_corners``
+        renumbered into the corner rows ``[n, 8]``)."""
         idx = voxel_mask.nonzero().squeeze(1) if voxel_mask.dtype == torch.bool else voxel_mask
         vc = self.voxel_corners[idx]
         # corners still in use, renumbered in order: a mask and a cumulative sum, no sort (this runs every step)
         in_use = torch.zeros(len(self.corners), dtype=torch.bool, device=vc.device)
         in_use[vc.reshape(-1)] = True
         used = in_use.nonzero().squeeze(1)
-        renumber = torch.cumsum(in_use, 0) - 1
-        return replace(self, coords=self.coords[idx], corners=self.corners[used], voxel_corners=renumber[vc],
+        # the new numbers of the corners in use only (a full-size cumulative sum would cost 8 bytes per corner)
+        renumber = torch.empty(len(self.corners), dtype=torch.int32 if len(used) < 2 ** 31 else torch.long,
+                               device=vc.device)
+        renumber[used] = torch.arange(len(used), dtype=renumber.dtype, device=vc.device)
+        return idx, used, renumber[vc].long()
+
+    def select(self, voxel_mask: torch.Tensor) -> "SparseFlex":
+        """The SparseFlex restricted to a subset of voxels (e.g. a camera's frustum section); differentiable."""
+        idx, used, vc = self.section_rows(voxel_mask)
+        return replace(self, coords=self.coords[idx], corners=self.corners[used], voxel_corners=vc,
                        sdf=self.sdf[used], deform=self.deform[used], alpha_raw=self.alpha_raw[idx],
                        beta_raw=self.beta_raw[idx], gamma_raw=self.gamma_raw[idx], consistency=None)
 

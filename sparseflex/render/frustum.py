@@ -13,13 +13,20 @@ from ..errors import OptionError, check_range
 from .camera import Camera
 
 
+#: points per chunk of the per-point passes (their temporaries stay bounded: issue 20)
+CHUNK = 1 << 20
+
+
 def frustum_mask(points: torch.Tensor, camera: Camera) -> torch.Tensor:
     """``[B, N]`` bool: point n lies inside view b's clip volume (``-w <= x, y, z <= w`` after the MVP, w > 0)."""
     pts = points.reshape(-1, 3)
     mvp = camera.mvp().to(pts)
-    clip = torch.einsum("bij,nj->bni", mvp[:, :, :3], pts) + mvp[:, None, :, 3]
-    w = clip[..., 3]
-    return (w > 0) & (clip[..., :3].abs() <= w[..., None]).all(-1)
+    out = torch.empty(len(camera), len(pts), dtype=torch.bool, device=pts.device)
+    for start in range(0, len(pts), CHUNK):
+        clip = torch.einsum("bij,nj->bni", mvp[:, :, :3], pts[start:start + CHUNK]) + mvp[:, None, :, 3]
+        w = clip[..., 3]
+        out[:, start:start + CHUNK] = (w > 0) & (clip[..., :3].abs() <= w[..., None]).all(-1)
+    return out
 
 
 class _Ranked:
@@ -39,8 +46,10 @@ class _Ranked:
             return
         lo, hi = values.min(), values.max()
         scale = (self.BUCKETS - 1) / (hi - lo) if hi > lo else values.new_zeros(())
-        self.bucket = ((values - lo) * scale).long()
-        counts = torch.bincount(self.bucket, minlength=self.BUCKETS)
+        self.bucket = ((values - lo) * scale).to(torch.int16)  # < 4096: 2 bytes per point, not 8
+        counts = torch.bincount(self.bucket.long(), minlength=self.BUCKETS) if len(values) < CHUNK else sum(
+            torch.bincount(self.bucket[i:i + CHUNK].long(), minlength=self.BUCKETS)
+            for i in range(0, len(values), CHUNK))
         self.ends = torch.cumsum(counts, 0)
 
     def __len__(self) -> int:
@@ -59,13 +68,15 @@ class _Ranked:
 def _side_depths(points: torch.Tensor, camera: Camera, b: int, min_near: float) -> _Ranked:
     """Camera-space depths of the points inside view b's side planes (left, right, top, bottom), by rank."""
     view = camera[b]
-    cam = view.world_to_camera(points)[0]
     proj = view.projection()[0].to(points)
-    z = cam[:, 2]
-    cx = cam[:, 0] * proj[0, 0] + cam[:, 1] * proj[0, 1] + z * proj[0, 2]
-    cy = cam[:, 1] * proj[1, 1] + z * proj[1, 2]
-    side = (z > min_near) & (cx.abs() <= z) & (cy.abs() <= z)
-    return _Ranked(z[side])
+    inside = []
+    for start in range(0, len(points), CHUNK):
+        cam = view.world_to_camera(points[start:start + CHUNK])[0]
+        z = cam[:, 2]
+        cx = cam[:, 0] * proj[0, 0] + cam[:, 1] * proj[0, 1] + z * proj[0, 2]
+        cy = cam[:, 1] * proj[1, 1] + z * proj[1, 2]
+        inside.append(z[(z > min_near) & (cx.abs() <= z) & (cy.abs() <= z)])
+    return _Ranked(torch.cat(inside) if inside else points.new_zeros(0))
 
 
 def _boundary(zs: _Ranked, index: int) -> int:

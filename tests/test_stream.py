@@ -1,0 +1,57 @@
+"""Streaming convert (issue 20): tile-by-tile nearest-sample queries give the same SparseFlex as one global tree."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from scipy.spatial import cKDTree
+
+from sparseflex.data.mesh import Mesh, normalize
+from sparseflex.data.sampling import sample_surface
+from sparseflex.fit.convert import mesh_to_sparseflex
+from sparseflex.fit.stream import TiledPoints
+from sparseflex.flexicubes.init_sdf import OrientedPoints
+
+
+def thin_plate_and_sphere():
+    """A sphere and a plate thinner than a voxel at 64 (thin_sheets moves corners onto its mid-sheet)."""
+    sphere = trimesh.creation.icosphere(3, radius=0.25)
+    sphere.apply_translation([-0.15, 0, 0])
+    plate = trimesh.creation.box([0.004, 0.5, 0.6])
+    plate.apply_translation([0.3, 0, 0])
+    m = trimesh.util.concatenate([sphere, plate])
+    return normalize(Mesh.from_trimesh(m))[0]
+
+
+def samples_of(mesh, n=60_000, seed=0):
+    p, nrm, _ = sample_surface(mesh, n, generator=torch.Generator().manual_seed(seed))
+    return p, nrm
+
+
+def test_tiled_nearest_is_the_global_nearest():
+    mesh = thin_plate_and_sphere()
+    p, n = samples_of(mesh)
+    g = torch.Generator().manual_seed(1)
+    # queries near the surface, far from it, and outside the unit cube
+    q = torch.cat([p[:5000] + 0.01 * torch.randn(5000, 3, generator=g), torch.rand(40, 3, generator=g) - 0.5,
+                   1.5 * (torch.rand(10, 3, generator=g) - 0.5)])
+    tiled = TiledPoints(p, n, tiles=6, margin=1 / 128)
+    d_tiled = np.linalg.norm(q.double().numpy() - p[tiled.nearest_index(q)].double().numpy(), axis=1)
+    d_global = cKDTree(p.double().numpy()).query(q.double().numpy(), k=1)[0]
+    np.testing.assert_allclose(d_tiled, d_global, rtol=0, atol=1e-12)
+    s1, l1 = tiled.nearest(q)
+    s0, l0 = OrientedPoints(p, n).nearest(q)
+    torch.testing.assert_close(s1, s0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_streamed_convert_equals_the_current_convert(resolution):
+    mesh = thin_plate_and_sphere()
+    p, n = samples_of(mesh)
+    ref = mesh_to_sparseflex(mesh, resolution, samples=OrientedPoints(p, n))
+    got = mesh_to_sparseflex(mesh, resolution, samples=TiledPoints(p, n, tiles=4))
+    assert torch.equal(got.coords, ref.coords)
+    torch.testing.assert_close(got.sdf, ref.sdf, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.deform, ref.deform, rtol=0, atol=1e-6)
+    assert (ref.deform != 0).any(1).sum() > 50  # the thin plate's corners were moved: that path is compared too
