@@ -55,3 +55,12 @@ def test_streamed_convert_equals_the_current_convert(resolution):
     torch.testing.assert_close(got.sdf, ref.sdf, rtol=0, atol=1e-6)
     torch.testing.assert_close(got.deform, ref.deform, rtol=0, atol=1e-6)
     assert (ref.deform != 0).any(1).sum() > 50  # the thin plate's corners were moved: that path is compared too
+
+
+def test_large_samples_are_tiled_small_ones_use_one_tree(monkeypatch):
+    from sparseflex.fit import stream
+    p = torch.rand(1000, 3) - 0.5
+    n = torch.nn.functional.normalize(torch.randn(1000, 3), dim=1)
+    assert isinstance(stream.oriented_samples(p, n), OrientedPoints)
+    monkeypatch.setattr(stream, "STREAM_FROM", 1000)
+    assert isinstance(stream.oriented_samples(p, n), TiledPoints)

@@ -28,7 +28,7 @@ from ..flexicubes.tables import CROSSING_EDGES, EDGE_AXIS, EDGE_CORNERS
 from ..render.visibility import cast_rays, embree_available
 from ..sparse.coords import (CORNER_OFFSETS, VoxelHash, batched, coords_to_keys, corner_lattice, dilate,
                              keys_to_coords)
-from .stream import TiledPoints
+from .stream import oriented_samples
 
 
 def default_num_points(num_voxels: int) -> int:
@@ -468,7 +468,7 @@ def mesh_to_sparseflex(mesh: Mesh, resolution: int, dilation: int = 1, num_point
         if num_points is None:  # size the sample to the voxel count, estimated from the surface area
             num_points = default_num_points(int(2 * mesh.area * resolution ** 2 * (1 + 2 * dilation)))
         gen = torch.Generator().manual_seed(seed)
-        oriented = TiledPoints(*sample_surface(mesh, num_points, generator=gen)[:2])  # streamed: same SDF
+        oriented = oriented_samples(*sample_surface(mesh, num_points, generator=gen)[:2])  # tiled when large
     field = field if field is not None else CornerField(mesh, oriented, thin_sheets)
     cuts = Cuts(mesh, 0.25 / resolution, closed=field.closed)
     coords = surface_band(mesh, resolution, oriented, dilation, max_lateral, cuts)

@@ -28,7 +28,7 @@ from ..sparse.coords import VoxelHash, coords_to_keys
 from .convert import (CornerField, Cuts, close_and_settle, default_num_points, mesh_to_sparseflex, rim_edges,
                       surface_band)
 from .optim import MOMENT_DTYPES, SectionalAdam
-from .stream import TiledPoints
+from .stream import oriented_samples
 from .sectional import sectional_render_loss
 from .views import ViewMix, ViewSampler
 
@@ -199,7 +199,7 @@ class Fitter:
     @functools.cached_property
     def samples(self) -> OrientedPoints:
         """The ground-truth samples with their KD-trees (built once: convert and every refinement use them)."""
-        return TiledPoints(self.points, self.normals)  # trees one tile at a time (fit.stream)
+        return oriented_samples(self.points, self.normals)  # tiled trees when large (fit.stream)
 
     @functools.cached_property
     def field(self) -> CornerField:
