@@ -286,3 +286,12 @@ def test_upgrade_refuses_what_is_not_ours(tmp_path, capsys):
     assert main(["checkpoint", "upgrade", str(other), str(tmp_path / "new.pt"), "--trust"]) == 2
     assert "not a SparseFlex checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_upgrade_with_trust_still_runs_no_code_from_the_file(tmp_path, capsys):
+    from sparseflex.cli import main
+    marker = tmp_path / "planted"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker, "sparseflex-train-1")
+    assert main(["checkpoint", "upgrade", str(evil), str(tmp_path / "new.pt"), "--trust"]) == 2
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()
+    assert capsys.readouterr().err.count("\n") == 1

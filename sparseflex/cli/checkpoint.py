@@ -16,8 +16,8 @@ def register(sub) -> None:
     u.add_argument("old", metavar="OLD", help="the old checkpoint (.pt)")
     u.add_argument("new", metavar="NEW", help="where to write the converted checkpoint (may be OLD, with --overwrite)")
     u.add_argument("--trust", action="store_true",
-                   help="required: reading the old file unpickles it, which runs any code it carries; give it only "
-                        "for a checkpoint you wrote yourself")
+                   help="required: the converted file is then trusted as ours (the old one is read weights-only, "
+                        "numpy arrays allowed, so no code in it runs); give it only for a checkpoint you wrote")
     u.add_argument("--overwrite", action="store_true", help="replace NEW if it exists")
     u.set_defaults(func=run_upgrade)
 

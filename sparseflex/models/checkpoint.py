@@ -164,13 +164,22 @@ def save_weights(model: SparseFlexVAE, path: str | os.PathLike) -> Path:
     return p
 
 
+def _numpy_globals() -> list:
+    """The globals that pickled numpy arrays, dtypes and scalars need: they rebuild data and call nothing else."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "int32", "float32", "bool")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def upgrade_checkpoint(old: str | os.PathLike, new: str | os.PathLike, trust: bool = False,
                        overwrite: bool = False) -> Path:
     """Convert a training or fit checkpoint written by an older sparseflex (numpy random states, numpy scalars) to
     the current format, which loads with ``weights_only=True``; written to ``new`` atomically.
 
-    Reading the old file unpickles it in full, which runs any code a crafted file carries: it is done only with
-    ``trust=True``. ``new`` is not replaced unless ``overwrite``.
+    The old file is read with ``weights_only=True`` plus numpy's array and scalar constructors (what those states
+    hold), so even a crafted file cannot run code; still only with ``trust=True``, since the result is then loaded as
+    ours. ``new`` is not replaced unless ``overwrite``.
     """
     old, new = Path(old), Path(new)
     if not old.is_file():
@@ -178,10 +187,11 @@ def upgrade_checkpoint(old: str | os.PathLike, new: str | os.PathLike, trust: bo
     if new.exists() and not overwrite:
         raise OptionError(f"{new} exists; pass --overwrite to replace it")
     if not trust:
-        raise OptionError(f"refusing to read {old} without --trust: converting unpickles the whole file, which runs "
-                          f"any code it carries; pass --trust only for a checkpoint you wrote yourself")
+        raise OptionError(f"refusing to convert {old} without --trust: the result is loaded as a checkpoint of ours; "
+                          f"pass --trust only for a checkpoint you wrote yourself")
     try:
-        payload = torch.load(old, map_location="cpu", weights_only=False)  # the user vouched for this file
+        with torch.serialization.safe_globals(_numpy_globals()):  # numpy arrays and scalars, nothing that runs code
+            payload = torch.load(old, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint we can convert
         raise InputError(f"{old}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     fmt = payload.get("format") if isinstance(payload, dict) else None
