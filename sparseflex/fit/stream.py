@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from ..flexicubes.init_sdf import OrientedPoints
+from ..flexicubes.init_sdf import OrientedPoints, tangent_distances
 
 
 class TiledPoints:
@@ -106,12 +106,7 @@ class TiledPoints:
         """As :meth:`OrientedPoints.nearest`: the signed tangent-plane distance and the lateral distance."""
         if len(query) == 0:
             return query.new_zeros(0), query.new_zeros(0)
-        idx_t = torch.from_numpy(self.nearest_index(query)).to(self.points.device)
-        p, n = self.points[idx_t].to(query), self.normals[idx_t].to(query)
-        diff = query - p
-        signed = (diff * n).sum(dim=1)
-        lateral = (diff - signed[:, None] * n).norm(dim=1)
-        return signed, lateral
+        return tangent_distances(self.points, self.normals, self.nearest_index(query), query)
 
     def sdf(self, query: torch.Tensor) -> torch.Tensor:
         return self.nearest(query)[0]

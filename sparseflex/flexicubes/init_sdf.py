@@ -31,12 +31,7 @@ class OrientedPoints:
         idx = np.empty(len(q), dtype=np.int64)
         for start in range(0, len(q), chunk):
             idx[start:start + chunk] = self.tree.query(q[start:start + chunk], k=1, workers=-1)[1]
-        idx_t = torch.from_numpy(idx).to(self.points.device)
-        p, n = self.points[idx_t].to(query), self.normals[idx_t].to(query)
-        diff = query - p
-        signed = (diff * n).sum(dim=1)
-        lateral = (diff - signed[:, None] * n).norm(dim=1)
-        return signed, lateral
+        return tangent_distances(self.points, self.normals, idx, query)
 
     def sdf(self, query: torch.Tensor) -> torch.Tensor:
         """``dot(q - p, n)`` with ``(p, n)`` the sample nearest to each query ``q``."""
@@ -143,6 +138,16 @@ def oriented_point_sdf(query: torch.Tensor, points: torch.Tensor, normals: torch
     """``dot(q - p, n)`` with ``(p, n)`` the sampled point nearest to each query ``q`` (one-off; build an
     :class:`OrientedPoints` to query the same samples more than once)."""
     return OrientedPoints(points, normals).sdf(query)
+
+
+def tangent_distances(points: torch.Tensor, normals: torch.Tensor, idx: np.ndarray,
+                      query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed tangent-plane distance and the lateral distance of each query to its sample ``idx``."""
+    idx_t = torch.from_numpy(idx).to(points.device)
+    p, n = points[idx_t].to(query), normals[idx_t].to(query)
+    diff = query - p
+    signed = (diff * n).sum(dim=1)
+    return signed, (diff - signed[:, None] * n).norm(dim=1)
 
 
 class ColumnParity:
