@@ -36,6 +36,10 @@ def _quad_order_table() -> tuple[torch.Tensor, torch.Tensor]:
 EDGE_SLOT, EDGE_LOW_CORNER = _quad_order_table()
 
 
+#: Surface voxels per chunk of :func:`extract_surface`: about 0.1 GB of temporaries.
+CHUNK_SURFACE_VOXELS = 1 << 17
+
+
 @dataclass
 class Extraction:
     """A triangle mesh extracted from a SparseFlex, with what the regularisers need."""
@@ -78,10 +82,51 @@ def resolve_ambiguity(coords: torch.Tensor, cases: torch.Tensor, table: VoxelHas
     return cases
 
 
+def _crossings(surf, surf_cases, first_dual, voxel_corners, corner_positions, corner_sdf, alpha, beta, act_alpha,
+               act_beta):
+    """Steps 2-4 and 8 for some surface voxels: their dual vertices, L_dev, and per (voxel, crossing edge) entry
+    the edge's sort key (``(low row * Nc + high row) * 4 + slot``), its dual vertex, whether the edge's first corner
+    (SPEC edge order) is inside, and whether its low corner is outside (the quad's orientation)."""
+    device, dtype = corner_positions.device, corner_positions.dtype
+    edge_corners = EDGE_CORNERS.to(device)
+    ent_s, ent_e = CROSSING_EDGES.to(device)[surf_cases].nonzero(as_tuple=True)
+    ent_v = surf[ent_s]
+    lc0, lc1 = edge_corners[ent_e, 0], edge_corners[ent_e, 1]
+    c0, c1 = voxel_corners[ent_v, lc0], voxel_corners[ent_v, lc1]
+    s0, s1 = corner_sdf[c0], corner_sdf[c1]
+    x0, x1 = corner_positions[c0], corner_positions[c1]
+    # 2-3. Alpha-weighted crossing point u inside the voxel.
+    s0w, s1w = s0 * act_alpha(alpha[ent_v, lc0]), s1 * act_alpha(alpha[ent_v, lc1])
+    u = (x0 * s1w[:, None] - x1 * s0w[:, None]) / (s1w - s0w)[:, None]
+
+    # 4. Dual vertices: beta-weighted mean of the crossings of each patch (numbered from the chunk's first).
+    base = int(first_dual[0]) if len(first_dual) else 0
+    num_dual = int(first_dual[-1] - base + NUM_PATCHES.to(device)[surf_cases[-1]]) if len(first_dual) else 0
+    dual = first_dual[ent_s] - base + EDGE_PATCH.to(device)[surf_cases[ent_s], ent_e]
+    w = act_beta(beta[ent_v, ent_e])
+    wsum = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, w)
+    dual_pos = torch.zeros(num_dual, 3, device=device, dtype=dtype).index_add(0, dual, w[:, None] * u)
+    dual_pos = dual_pos / wsum[:, None]
+
+    # 8. L_dev: spread of the distances from each dual vertex to the plain (unweighted) crossings of its edges.
+    u_plain = (x0 * s1[:, None] - x1 * s0[:, None]) / (s1 - s0)[:, None]
+    dist = (dual_pos[dual] - u_plain).norm(dim=1)
+    count = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, torch.ones_like(dist))
+    mean_dist = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, dist) / count
+    dev = torch.zeros(num_dual, device=device, dtype=dtype).index_add(
+        0, dual, (dist - mean_dist[dual]).abs()) / count
+
+    lo, hi = torch.minimum(c0, c1), torch.maximum(c0, c1)
+    edge_key = ((lo * len(corner_sdf) + hi) << 2) + EDGE_SLOT.to(device)[ent_e]
+    low = voxel_corners[ent_v, EDGE_LOW_CORNER.to(device)[ent_e]]
+    return dual_pos, dev, edge_key, dual + base, s0 <= 0, corner_sdf[low] >= 0
+
+
 def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner_sdf: torch.Tensor,
                     voxel_corners: torch.Tensor, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                     gamma: torch.Tensor | None = None, training: bool = False,
-                    table: VoxelHash | None = None, weight_activation=None) -> Extraction:
+                    table: VoxelHash | None = None, weight_activation=None,
+                    chunk: int = CHUNK_SURFACE_VOXELS) -> Extraction:
     """Extract the FlexiCubes mesh of active voxels.
 
     Args:
@@ -95,6 +140,7 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
         table: a prebuilt :class:`VoxelHash` of ``coords`` to reuse.
         weight_activation: if given, ``alpha, beta, gamma`` are raw values and ``weight_activation(kind, raw)``
             activates them; it is applied only to the rows surface voxels use, which saves memory at high resolution.
+        chunk: surface voxels whose crossings are worked out at once (the result does not depend on it).
     """
     coords = batched(coords)
     device, dtype = corner_positions.device, corner_positions.dtype
@@ -112,58 +158,49 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
         gamma, act_gamma = torch.full((n,), 0.5, device=device, dtype=dtype), (lambda w: w)
     else:
         act_gamma = lambda w: act("gamma", w)  # noqa: E731
-    edge_corners = EDGE_CORNERS.to(device)
 
     # 1. Case ids, ambiguity fix, surface voxels.
     cases = voxel_cases(corner_sdf, voxel_corners)
     cases = resolve_ambiguity(coords, cases, table)
     surf = ((cases != 0) & (cases != 255)).nonzero().squeeze(1)
     surf_cases = cases[surf]
+    del cases
 
-    # 2-3. One entry per (surface voxel, crossing edge); alpha-weighted crossing point u inside that voxel.
-    ent_s, ent_e = CROSSING_EDGES.to(device)[surf_cases].nonzero(as_tuple=True)
-    ent_v = surf[ent_s]
-    lc0, lc1 = edge_corners[ent_e, 0], edge_corners[ent_e, 1]
-    c0, c1 = voxel_corners[ent_v, lc0], voxel_corners[ent_v, lc1]
-    s0, s1 = corner_sdf[c0], corner_sdf[c1]
-    x0, x1 = corner_positions[c0], corner_positions[c1]
-    s0w, s1w = s0 * act_alpha(alpha[ent_v, lc0]), s1 * act_alpha(alpha[ent_v, lc1])
-    u = (x0 * s1w[:, None] - x1 * s0w[:, None]) / (s1w - s0w)[:, None]
-
-    # 4. Dual vertices: beta-weighted mean of the crossings of each patch.
     patches = NUM_PATCHES.to(device)[surf_cases]
     first_dual = torch.cumsum(patches, 0) - patches
     num_dual = int(patches.sum())
-    dual = first_dual[ent_s] + EDGE_PATCH.to(device)[surf_cases[ent_s], ent_e]
-    w = act_beta(beta[ent_v, ent_e])
-    wsum = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, w)
-    dual_pos = torch.zeros(num_dual, 3, device=device, dtype=dtype).index_add(0, dual, w[:, None] * u)
-    dual_pos = dual_pos / wsum[:, None]
+
+    # 2-4 and 8, chunk by chunk of surface voxels: every quantity here is local to a voxel and its dual vertices, so
+    # only the chunk's entries are alive at once (at 1024^3 the entries of all voxels were most of the peak memory);
+    # what the quads need later is kept per entry in 18 bytes.
+    parts = [_crossings(surf[i:i + chunk], surf_cases[i:i + chunk], first_dual[i:i + chunk], voxel_corners,
+                        corner_positions, corner_sdf, alpha, beta, act_alpha, act_beta)
+             for i in range(0, len(surf), chunk)] or [_crossings(surf, surf_cases, first_dual, voxel_corners,
+                                                                  corner_positions, corner_sdf, alpha, beta,
+                                                                  act_alpha, act_beta)]
+    dual_pos, dev, edge_key, dual, inside_first, flip_entry = (
+        p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+    del parts
     dual_voxel = torch.repeat_interleave(surf, patches)
 
-    # 8. L_dev: spread of the distances from each dual vertex to the plain (unweighted) crossings of its edges.
-    u_plain = (x0 * s1[:, None] - x1 * s0[:, None]) / (s1 - s0)[:, None]
-    dist = (dual_pos[dual] - u_plain).norm(dim=1)
-    count = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, torch.ones_like(dist))
-    mean_dist = torch.zeros(num_dual, device=device, dtype=dtype).index_add(0, dual, dist) / count
-    dev = torch.zeros(num_dual, device=device, dtype=dtype).index_add(
-        0, dual, (dist - mean_dist[dual]).abs()) / count
-
     # 5. Quads: group entries by grid edge, ordered counter-clockwise around it; keep edges with 4 active voxels.
-    lo, hi = torch.minimum(c0, c1), torch.maximum(c0, c1)
-    key = lo * len(corner_sdf) + hi
-    order = torch.argsort(key * 4 + EDGE_SLOT.to(device)[ent_e])
-    key_sorted = key[order]
+    order = torch.argsort(edge_key)
+    key_sorted = edge_key[order] >> 2
+    del edge_key
     _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    crossing_edges = torch.stack([lo, hi], 1)[order[starts]]
-    full = starts[counts == 4]
-    quad_entries = order[full[:, None] + torch.arange(4, device=device)]
-    quads = dual[quad_entries]
+    edge_ids = key_sorted[starts]
+    del key_sorted
+    nc = len(corner_sdf)
+    crossing_edges = torch.stack([edge_ids // nc, edge_ids % nc], 1)
+    del edge_ids
+    first_entry = order[starts[counts == 4]]
+    quads = dual[order[starts[counts == 4, None] + torch.arange(4, device=device)]]
+    del order, starts, counts, dual
     # Orient towards s > 0: the slot order gives a normal along +axis, right when the low end is the inside one.
-    low_corner = voxel_corners[ent_v[quad_entries[:, 0]], EDGE_LOW_CORNER.to(device)[ent_e[quad_entries[:, 0]]]]
-    flip = corner_sdf[low_corner] >= 0
-    quads = torch.where(flip[:, None], quads[:, [0, 3, 2, 1]], quads)
+    flip = flip_entry[first_entry]
+    quads[flip] = quads[flip][:, [0, 3, 2, 1]]
+    del flip, flip_entry
 
     # 6. Triangulation.
     g = act_gamma(gamma[dual_voxel])[quads]
@@ -182,17 +219,20 @@ def extract_surface(coords: torch.Tensor, corner_positions: torch.Tensor, corner
         # tie (saturated or default weights) the reference FlexiCubes and the TripoSF release take (-,-)/(+,+)
         # unless the SDF at the edge's first corner (SPEC edge order) is positive.
         g02, g13 = g[:, 0] * g[:, 2], g[:, 1] * g[:, 3]
-        s_first = s0[quad_entries[:, 0]]
-        split02 = ((g02 > g13) | ((g02 == g13) & (s_first <= 0)))[:, None, None]
-        tri02 = quads[:, [[0, 1, 2], [0, 2, 3]]]
-        tri13 = quads[:, [[0, 1, 3], [1, 2, 3]]]
-        faces = torch.where(split02, tri02, tri13).reshape(-1, 3)
+        split13 = ~((g02 > g13) | ((g02 == g13) & inside_first[first_entry]))
+        del g, g02, g13
+        faces = quads[:, [0, 1, 2, 0, 2, 3]]
+        faces[split13] = quads[split13][:, [0, 1, 3, 1, 2, 3]]
+        faces = faces.view(-1, 3)
         vertices = dual_pos
         vertex_batch = coords[dual_voxel, 0]
+    del quads, inside_first, first_entry
 
     # Drop dual vertices no face uses (patches whose edges all lie at an open boundary).
     used = torch.zeros(len(vertices), dtype=torch.bool, device=device)
     used[faces.reshape(-1)] = True
-    remap = torch.cumsum(used.long(), 0) - 1
-    return Extraction(vertices=vertices[used], faces=remap[faces], vertex_batch=vertex_batch[used], dev=dev,
+    if not bool(used.all()):
+        remap = torch.cumsum(used, 0) - 1
+        faces, vertices, vertex_batch = remap[faces], vertices[used], vertex_batch[used]
+    return Extraction(vertices=vertices, faces=faces, vertex_batch=vertex_batch, dev=dev,
                       dual_voxel=dual_voxel, crossing_edges=crossing_edges, num_dual=num_dual)

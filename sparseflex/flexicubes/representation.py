@@ -120,11 +120,11 @@ class SparseFlex:
         return (activate_weight("alpha", self.alpha_raw), activate_weight("beta", self.beta_raw),
                 activate_weight("gamma", self.gamma_raw))
 
-    def extract(self, training: bool = False, table: VoxelHash | None = None) -> Extraction:
+    def extract(self, training: bool = False, table: VoxelHash | None = None, **kwargs) -> Extraction:
         """Extract the mesh of all active voxels (see :func:`extract_surface`)."""
         return extract_surface(self.coords, self.corner_positions(), self.sdf, self.voxel_corners,
                                self.alpha_raw, self.beta_raw, self.gamma_raw, training=training, table=table,
-                               weight_activation=activate_weight)
+                               weight_activation=activate_weight, **kwargs)
 
     # -- voxel-set edits ----------------------------------------------------------------------------------------
     def section_rows(self, voxel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
