@@ -389,6 +389,67 @@ def lone_corners(sf: SparseFlex, rows: torch.Tensor | None = None) -> torch.Tens
     return rows[lone]
 
 
+def stray_pieces(sf: SparseFlex, field: CornerField, resolution: int, near: float = 1.0) -> torch.Tensor:
+    """``[N]`` bool: the voxels of the pieces of surface that come nowhere near the input's surface.
+
+    A piece is a connected set of crossing edges that have their 4 voxels (each gives a quad of the extracted
+    surface), joined through shared voxels. A tangent-plane field (inputs without parity signs) also changes sign
+    where the nearest sample jumps from one sheet to another, away from the surface: past an open boundary, between
+    sheets close together. Where such a crossing has its 4 voxels (the band's dilation) it makes a small fragment of
+    surface of its own, bounded by rim edges that :func:`settle_rim` leaves (they lie past the boundary, where the
+    surface ends on purpose): an extra boundary loop, an extra component. A piece none of whose crossing points lies
+    within ``near`` voxels of the input's surface is such a fragment. Dropping its voxels removes its quads only:
+    any quad that uses one of them belongs to the same piece."""
+    n = len(sf.coords)
+    device = sf.sdf.device
+    if not n:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    inside = sf.sdf.detach() < 0
+    ends = EDGE_CORNERS.to(device)
+    vc = sf.voxel_corners
+    crossing = inside[vc[:, ends[:, 0]]] != inside[vc[:, ends[:, 1]]]  # [N, 12]
+    v, e = crossing.nonzero(as_tuple=True)
+    if not len(v):
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    low = vc[v, _edge_low_corner().to(device)[e]]
+    key = low * 3 + EDGE_AXIS.to(device)[e]  # an edge: its low corner and its axis
+    uniq, edge, count = torch.unique(key, return_inverse=True, return_counts=True)
+    complete = count[edge] == 4
+    v, e, edge = v[complete], e[complete], edge[complete]
+    if not len(v):
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    _, edge = torch.unique(edge, return_inverse=True)
+    m = int(edge.max()) + 1
+    # pieces: voxels and quads, joined where a voxel is one of a quad's 4
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    vn, en = v.cpu().numpy(), edge.cpu().numpy() + n
+    _, label = connected_components(coo_matrix((np.ones(len(vn)), (vn, en)), shape=(n + m, n + m)), directed=False)
+    # the crossing point of each quad (one voxel's view of it is enough)
+    first = torch.full((m,), len(v), dtype=torch.long, device=device).scatter_reduce_(
+        0, edge, torch.arange(len(v), device=device), reduce="amin")
+    pos = sf.corner_positions().detach()
+    r0, r1 = vc[v[first], ends[e[first], 0]], vc[v[first], ends[e[first], 1]]
+    s0, s1 = sf.sdf.detach()[r0][:, None], sf.sdf.detach()[r1][:, None]
+    points = (pos[r0] * s1 - pos[r1] * s0) / (s1 - s0)
+    piece = label[n:]
+    pieces = int(label.max()) + 1
+    # the nearest sample bounds the distance from above (it lies on the surface); the exact distance for the rest
+    signed, lateral = field.samples.nearest(points)
+    dist = torch.sqrt(signed ** 2 + lateral ** 2).cpu().numpy()
+    close = np.zeros(pieces, dtype=bool)
+    close[piece[dist <= near / resolution]] = True
+    doubt = np.nonzero(~close[piece])[0]
+    if len(doubt):
+        exact = field.distance(points[torch.from_numpy(doubt).to(device)])
+        close[piece[doubt[exact <= near / resolution]]] = True
+    has_quad = np.zeros(pieces, dtype=bool)
+    has_quad[piece] = True
+    stray = has_quad & ~close
+    return torch.from_numpy(stray[label[:n]]).to(device)
+
+
 def sparseflex_from_values(coords: torch.Tensor, resolution: int, keys: torch.Tensor, sdf: torch.Tensor,
                            disp: torch.Tensor) -> SparseFlex:
     """A SparseFlex on ``coords`` whose corners take their values from a sorted store (neutral weights)."""
@@ -439,6 +500,10 @@ def close_and_settle(coords: torch.Tensor, resolution: int, field: CornerField, 
         lone = lone_corners(sf)
         sf.sdf[lone] = -sf.sdf[lone]
         done["lone_corners"] = len(lone)
+        stray = stray_pieces(sf, field, resolution)
+        done["stray_voxels"] = int(stray.sum())
+        if bool(stray.any()):
+            sf = sf.select(~stray)
     if info is not None:
         info.update(done, closed_input=field.closed, boundary_edges_input=cuts.boundary_edges,
                     seam_edges_input=cuts.seam_edges)
