@@ -168,6 +168,20 @@ def test_fit_cli_outputs_and_resume(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["iterations"] == 8
 
 
+def test_fit_cli_bfloat16_moments(tmp_path):
+    """--moments bfloat16 stores the optimiser's moments in bfloat16, in memory and in the checkpoint."""
+    src = tmp_path / "sphere.obj"
+    save_mesh(src, Mesh.from_trimesh(trimesh.creation.icosphere(2)))
+    out = tmp_path / "fit"
+    assert main(["fit", str(src), "-o", str(out), "--resolution", "16", "--iterations", "2", "--image-size", "32",
+                 "--metrics-points", "2000", "--moments", "bfloat16", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["moments"] == "bfloat16"
+    state, config = load_checkpoint(out / "checkpoint.pt")
+    assert config.moment_dtype == "bfloat16"
+    moments = [t for m in state.optimizer_state["moments"] if m is not None for t in m.values()]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+
+
 @pytest.mark.parametrize("content, message", [(None, "no such file"), (b"", "empty"),
                                               (b"v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n", "NaN")])
 def test_fit_cli_bad_input(tmp_path, capsys, content, message):

@@ -309,23 +309,11 @@ def assert_every_piece_near_input_surface(out: Mesh, gt: Mesh, resolution: int, 
 
 
 @pytest.mark.slow
-def test_dress_keeps_its_boundary_loops_at_256(shared_meshes):
-    """The dress (5 loops) gave 6 at 256: a two-triangle fragment two voxels past an armhole, made by a crossing of
-    the tangent-plane field between two sheets' samples away from the surface, with its 4 voxels in the band
-    (``stray_pieces``). Default sample (about 15 million points; about 2.5 minutes here). Each output loop lies within
-    2.5 voxels of the input's boundary; one component, as the input. (The count matches, the loops not quite one to
-    one: a pleat's mouth is bridged, splitting the hem in two, and an 8-edge hole about 3 voxels across closes.)"""
-    gt = normalize(load_mesh(shared_meshes / "open" / "dc_dress_v7k.obj"))[0]
-    ex = mesh_to_sparseflex(gt, 256).extract()
-    out = Mesh(ex.vertices, ex.faces)
-    t = topology(out.vertices, out.faces)
-    assert (t["boundary_loops"], t["components"]) == (loops(gt), 1) == (5, 1)
-    assert_loops_near_input_boundary(out, gt, 256)
-
-
-@pytest.mark.slow
 def test_dress_has_no_surface_away_from_the_input_at_256(shared_meshes):
-    """The same failure with a small sample (1 million points, about 35 s here): without ``stray_pieces`` a fragment
+    """The dress (5 loops) gave 6 at 256 with the default sample: a two-triangle fragment two voxels past an armhole,
+    made by a crossing of the tangent-plane field between two sheets' samples away from the surface, with its 4
+    voxels in the band (``stray_pieces``). The same failure with a small sample (1 million points, about 35 s here;
+    the default sample takes 2.5 minutes, docs/topology.md): without ``stray_pieces`` a fragment
     more than a voxel from the input's surface stays (7 loops, 4 components before, 6 and 3 after: the rest are a
     split hem and closed bubbles of two corners, which a sample this sparse leaves). Every component comes within
     a voxel of the input's surface, every loop within 2.5 voxels of its boundary."""

@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--image-size", type=number(int, 0, 4096), default=0,
                    help="rendered image size in pixels, 16..4096 "
                         "(default 0: automatic, 256 up to resolution 512, 512 at 1024)")
+    p.add_argument("--moments", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the optimiser's moments: bfloat16 halves their memory (about 100 bytes per voxel "
+                        "less) at a small cost in accuracy; see docs/benchmarks.md (default float32)")
     p.add_argument("--checkpoint-every", type=number(int, 0), default=100,
                    help="save OUTDIR/checkpoint.pt every this many steps (0: only at the end; default 100)")
     p.add_argument("--device", type=device_option, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -55,7 +58,8 @@ def run(args) -> int:
         state = None
         config = FitConfig(resolution=args.resolution, start_resolution=args.start_resolution,
                            iterations=args.iterations, visibility_ratio=args.visibility_ratio,
-                           image_size=args.image_size, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                           image_size=args.image_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                           moment_dtype=args.moments)
     start = time.perf_counter()
     mesh = load_mesh(args.input)
     normed, transform = normalize(mesh)
@@ -103,16 +107,21 @@ def _fit(args, out, ckpt, config, state, mesh, normed, transform, start) -> int:
     with torch.no_grad():
         ex = sf.extract()
     fitted_normed = Mesh(ex.vertices.detach(), ex.faces)
+    resolution, voxels = sf.resolution, sf.num_voxels
+    # the SparseFlex is in the checkpoint: free it (and the extraction's extras) before the metrics and pictures
+    del ex, sf
+    fitter.state.sf = None
     result = Mesh(transform.invert(fitted_normed.vertices.cpu()), fitted_normed.faces.cpu())
     save_mesh(out / "mesh.ply", result)
     wall = time.perf_counter() - start
-    peak = peak_memory_bytes(args.device)
+    peak = peak_memory_bytes(args.device)  # of the fit and its extraction (the metrics below add their own)
     report = {
-        "input": str(args.input), "resolution": sf.resolution, "stages": config.stages(),
-        "iterations": config.iterations, "visibility_ratio": config.ratio(sf.resolution),
-        "voxels": sf.num_voxels, "vertices": len(result.vertices), "faces": len(result.faces),
+        "input": str(args.input), "resolution": resolution, "stages": config.stages(),
+        "iterations": config.iterations, "visibility_ratio": config.ratio(resolution),
+        "moments": config.moment_dtype,
+        "voxels": voxels, "vertices": len(result.vertices), "faces": len(result.faces),
         "wall_seconds": round(wall, 1), "peak_memory_gb": round(peak / 1e9, 2),
-        "bytes_per_voxel": round(peak / max(sf.num_voxels, 1)),  # peak (RSS, or CUDA's peak allocation) / voxels
+        "bytes_per_voxel": round(peak / max(voxels, 1)),  # peak (RSS, or CUDA's peak allocation) / voxels
         "time_seconds": {k: round(v, 1) for k, v in fitter.state.timing.items()},
         "metrics": mesh_metrics(result, mesh, num_points=args.metrics_points, seed=args.seed),
         "topology": topology_report(result, mesh),

@@ -420,12 +420,6 @@ def stray_pieces(sf: SparseFlex, field: CornerField, resolution: int, near: floa
         return torch.zeros(n, dtype=torch.bool, device=device)
     _, edge = torch.unique(edge, return_inverse=True)
     m = int(edge.max()) + 1
-    # pieces: voxels and quads, joined where a voxel is one of a quad's 4
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    vn, en = v.cpu().numpy(), edge.cpu().numpy() + n
-    _, label = connected_components(coo_matrix((np.ones(len(vn)), (vn, en)), shape=(n + m, n + m)), directed=False)
     # the crossing point of each quad (one voxel's view of it is enough)
     first = torch.full((m,), len(v), dtype=torch.long, device=device).scatter_reduce_(
         0, edge, torch.arange(len(v), device=device), reduce="amin")
@@ -433,21 +427,35 @@ def stray_pieces(sf: SparseFlex, field: CornerField, resolution: int, near: floa
     r0, r1 = vc[v[first], ends[e[first], 0]], vc[v[first], ends[e[first], 1]]
     s0, s1 = sf.sdf.detach()[r0][:, None], sf.sdf.detach()[r1][:, None]
     points = (pos[r0] * s1 - pos[r1] * s0) / (s1 - s0)
-    piece = label[n:]
-    pieces = int(label.max()) + 1
+    del pos, first, r0, r1, s0, s1
     # the nearest sample bounds the distance from above (it lies on the surface); the exact distance for the rest
     signed, lateral = field.samples.nearest(points)
-    dist = torch.sqrt(signed ** 2 + lateral ** 2).cpu().numpy()
-    close = np.zeros(pieces, dtype=bool)
-    close[piece[dist <= near / resolution]] = True
-    doubt = np.nonzero(~close[piece])[0]
+    close = torch.sqrt(signed ** 2 + lateral ** 2) <= near / resolution
+    doubt = (~close).nonzero().squeeze(1)
     if len(doubt):
-        exact = field.distance(points[torch.from_numpy(doubt).to(device)])
-        close[piece[doubt[exact <= near / resolution]]] = True
-    has_quad = np.zeros(pieces, dtype=bool)
-    has_quad[piece] = True
-    stray = has_quad & ~close
-    return torch.from_numpy(stray[label[:n]]).to(device)
+        close[doubt] = torch.as_tensor(field.distance(points[doubt]) <= near / resolution, device=device)
+    if bool(close.all()):  # the usual case: no piece to look at
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    # A piece is stray when none of its quads is close. Its far quads joined through shared voxels form one
+    # component of the far quads' graph that shares no voxel with a close quad; so only far quads need the graph.
+    far = ~close[edge]
+    near_voxel = torch.zeros(n, dtype=torch.bool, device=device)
+    near_voxel[v[~far]] = True
+    vf, ef = v[far], edge[far]
+    voxels, vn = torch.unique(vf, return_inverse=True)
+    quads, en = torch.unique(ef, return_inverse=True)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    k = len(voxels) + len(quads)
+    vn, en = vn.cpu().numpy(), en.cpu().numpy() + len(voxels)
+    _, label = connected_components(coo_matrix((np.ones(len(vn)), (vn, en)), shape=(k, k)), directed=False)
+    label = torch.from_numpy(label[:len(voxels)]).to(device)
+    touches = torch.zeros(int(label.max()) + 1, dtype=torch.bool, device=device)
+    touches[label[near_voxel[voxels]]] = True
+    stray = torch.zeros(n, dtype=torch.bool, device=device)
+    stray[voxels[~touches[label]]] = True
+    return stray
 
 
 def sparseflex_from_values(coords: torch.Tensor, resolution: int, keys: torch.Tensor, sdf: torch.Tensor,
