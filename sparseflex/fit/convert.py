@@ -202,6 +202,10 @@ def surface_band(mesh: Mesh, resolution: int, samples: OrientedPoints, dilation:
     return coords[~cuts.ends(centres, signed, lateral, resolution, max_lateral)]
 
 
+#: Crossing edges :func:`close_band` checks at once.
+_CLOSE_CHUNK = 1 << 21
+
+
 def close_band(coords: torch.Tensor, resolution: int, field, known: tuple | None = None,
                accept=None, max_rounds: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, dict]:
@@ -236,22 +240,33 @@ def close_band(coords: torch.Tensor, resolution: int, field, known: tuple | None
         corners, voxel_corners = corner_lattice(frontier)
         keys, sdf, disp, rows = _merge_values(keys, sdf, disp, coords_to_keys(corners), corners, resolution, field)
         cases = voxel_cases(sdf[rows], voxel_corners)
-        v, e = CROSSING_EDGES.to(device)[cases].nonzero(as_tuple=True)
-        low = frontier[v, 1:] + CORNER_OFFSETS.to(device)[edge_low[e]]
-        cand = torch.cat([frontier[v, :1, None].expand(-1, 4, 1), low[:, None, :] - around[e]], 2)  # [K, 4, 4]
-        lacking = (table.lookup(cand) < 0).any(1)
-        if not bool(lacking.any()):
+        del voxel_corners, rows
+        v_all, e_all = CROSSING_EDGES.to(device)[cases].nonzero(as_tuple=True)
+        del cases
+        lacks_any, missing = False, []
+        # chunk by chunk of crossing edges: the 4 voxels around each ([K, 4, 4] int64) and their lookups, all at
+        # once, were most of convert's peak at 1024^3
+        for start in range(0, len(v_all), _CLOSE_CHUNK):
+            v, e = v_all[start:start + _CLOSE_CHUNK], e_all[start:start + _CLOSE_CHUNK]
+            low = frontier[v, 1:] + CORNER_OFFSETS.to(device)[edge_low[e]]
+            cand = torch.cat([frontier[v, :1, None].expand(-1, 4, 1), low[:, None, :] - around[e]], 2)  # [K, 4, 4]
+            lacking = (table.lookup(cand) < 0).any(1)
+            if not bool(lacking.any()):
+                continue
+            lacks_any = True
+            cand, low, v, e = cand[lacking], low[lacking], v[lacking], e[lacking]
+            if accept is not None:
+                batch = frontier[v, :1]
+                ok = accept(_crossing_points(torch.cat([batch, low], 1), torch.cat(
+                    [batch, low + unit[EDGE_AXIS.to(device)[e]]], 1), keys, sdf, disp, resolution))
+                refused += int((~ok).sum())
+                cand = cand[ok]
+            cand = cand.reshape(-1, 4)
+            missing.append(torch.unique(coords_to_keys(cand[table.lookup(cand) < 0])))
+        del v_all, e_all
+        if not lacks_any:
             break
-        cand, low, v, e = cand[lacking], low[lacking], v[lacking], e[lacking]
-        if accept is not None:
-            batch = frontier[v, :1]
-            ok = accept(_crossing_points(torch.cat([batch, low], 1), torch.cat([batch, low + unit[EDGE_AXIS.to(
-                device)[e]]], 1), keys, sdf, disp, resolution))
-            refused += int((~ok).sum())
-            cand = cand[ok]
-        cand = cand.reshape(-1, 4)
-        missing = cand[table.lookup(cand) < 0]
-        missing = keys_to_coords(torch.unique(coords_to_keys(missing)))
+        missing = keys_to_coords(torch.unique(torch.cat(missing)))
         frontier = missing[((missing[:, 1:] >= -1) & (missing[:, 1:] <= resolution)).all(1)]
         if not len(frontier):
             break
