@@ -39,3 +39,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILAB
 def device(request):
     """A test taking ``device`` runs on the CPU, and on CUDA too when one is available (skipped otherwise)."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def spawn_ranks():
+    """``run(worker, *args, world=2)``: ``worker(rank, world, *args, queue)`` in ``world`` spawned processes (a
+    DDP group of CPU processes); returns what each put on the queue, in arrival order, once all exited cleanly."""
+    import torch.multiprocessing as mp
+
+    def run(worker, *args, world: int = 2, timeout: float = 300) -> list:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(r, world, *args, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got = [queue.get(timeout=timeout) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        return got
+
+    return run

@@ -131,19 +131,9 @@ def _slat_ddp_worker(rank, world, init_file, run_dir, latents, queue):
         dist.destroy_process_group()
 
 
-def test_slat_two_process_ddp_equals_one_process_with_the_combined_batch(runs, tmp_path):
-    import torch.multiprocessing as mp
+def test_slat_two_process_ddp_equals_one_process_with_the_combined_batch(runs, tmp_path, spawn_ranks):
     root, _ = runs
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_slat_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp"),
-                                                        str(root / "latents"), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = dict(spawn_ranks(_slat_ddp_worker, str(tmp_path / "init"), str(tmp_path / "ddp"), str(root / "latents")))
     ds = LatentDataset(root / "latents")
     config = slat_config(steps=3, batch_size=2, checkpoint_every=0)
     single = Trainer(SLatFlowTask(config, ds), ds, config, tmp_path / "single", device="cpu", quiet=True)

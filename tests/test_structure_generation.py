@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import trimesh
 from PIL import Image
 
@@ -126,17 +125,8 @@ def _ddp_worker(rank, world, init_file, run_dir, ckpt, queue):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_equals_one_process(tmp_path, items, structure_vae_ckpt):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp"),
-                                                   str(structure_vae_ckpt), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+def test_two_process_ddp_equals_one_process(tmp_path, items, structure_vae_ckpt, spawn_ranks):
+    got = dict(spawn_ranks(_ddp_worker, str(tmp_path / "init"), str(tmp_path / "ddp"), str(structure_vae_ckpt)))
     config = flow_config(structure_vae_ckpt, steps=3, batch_size=2, checkpoint_every=0)
     single = Trainer(StructureFlowTask(config), items, config, tmp_path / "single", device="cpu", quiet=True)
     start = params(single.model).clone()

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from sparseflex.errors import OptionError, SparseFlexError
@@ -65,19 +64,10 @@ def _ddp_worker(rank, world, init_file, run_dir, steps, queue):
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path):
+def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path, spawn_ranks):
     steps = 5
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "ddp"), steps, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = [queue.get(timeout=120) for _ in procs]
+    got = spawn_ranks(_ddp_worker, str(tmp_path / "init"), str(tmp_path / "ddp"), steps, timeout=120)
     results = {r: (torch.from_numpy(pa), torch.from_numpy(ema)) for r, pa, ema in got}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
 
     single = Trainer(ToyTask(), toy_data(), toy_config(steps=steps), tmp_path / "single", device="cpu", quiet=True)
     start = params(single.model).clone()
