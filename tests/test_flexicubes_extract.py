@@ -1,5 +1,7 @@
 """Sparse FlexiCubes extraction on analytic SDFs: topology, orientation, accuracy, sparse == dense, gradients."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +240,22 @@ def test_select_is_a_subset():
     assert 0 < len(half) < len(full)
     assert set(half) <= set(full)
     assert len(boundary_edges(part.extract().faces)) > 0  # cut open where voxels were dropped
+
+
+def test_keep_in_place_equals_select():
+    """``keep_`` (in place, for dropping a few voxels of a huge band) gives what ``select`` gives, tensor by tensor."""
+    g = torch.Generator().manual_seed(5)
+    r = 12
+    sf = SparseFlex.from_sdf(dense_grid(r), r, sphere(0.3))
+    for name in ("deform", "alpha_raw", "beta_raw", "gamma_raw"):
+        setattr(sf, name, torch.randn(getattr(sf, name).shape, generator=g))
+    mask = torch.rand(sf.num_voxels, generator=g) < 0.7
+    want = sf.select(mask)
+    got = replace(sf).keep_(mask)
+    for f in ("coords", "corners", "voxel_corners", "sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert len(got.corners) < len(sf.corners)  # corners no kept voxel uses are gone
+    assert sf.num_voxels == len(mask)  # the original object is untouched; only `got` was edited
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -526,7 +526,7 @@ def close_and_settle(coords: torch.Tensor, resolution: int, field: CornerField, 
         stray = stray_pieces(sf, field, resolution)
         done["stray_voxels"] = int(stray.sum())
         if bool(stray.any()):
-            sf = sf.select(~stray)
+            sf.keep_(~stray)
     if info is not None:
         info.update(done, closed_input=field.closed, boundary_edges_input=cuts.boundary_edges,
                     seam_edges_input=cuts.seam_edges)
