@@ -131,6 +131,7 @@ def part_fit(args, device, deadline: float, resolution: int, iterations: int) ->
         fitter.step()  # ends by reading the loss: synchronised
         times.append(time.perf_counter() - t)
         st.step += 1
+    fitter.sync()
     gb = peak.gb()
     ex = st.sf.extract()
     metrics = mesh_metrics(Mesh(ex.vertices.detach().cpu(), ex.faces.cpu()), gt, num_points=100_000, ceiling=False)

@@ -94,6 +94,7 @@ def run_case(kind: str, mesh_path: str, resolution: int, path: str, steps: int, 
     row.update(step_peak=peaks[0], steps_peak=max(peaks), fit_peak=max(row["init_peak"], *peaks),
                step_seconds=round(sum(times) / len(times), 2), fit_seconds=round(time.perf_counter() - t0, 1))
     print(json.dumps(row), file=sys.stderr, flush=True)  # kept even if the extraction below fails
+    fitter.sync()  # the rows the last sections left out take their deferred steps
     sf = fitter.state.sf
     del fitter  # the optimiser's moments and the samples, as `sparseflex fit` drops them before extracting
     _reset_peak(device)

@@ -135,12 +135,13 @@ def stage_steps(config: FitConfig) -> list[int]:
     return [base] * (n - 1) + [config.iterations - base * (n - 1)]
 
 
-def make_optimizer(sf: SparseFlex, config: FitConfig, pinned: torch.Tensor | None = None):
-    """The sectional optimiser (default), or ``torch.optim.Adam`` over the full tensors (``optimizer="adam"``: the
-    path before issue 20; ``pinned`` corners then get their gradients zeroed in :meth:`Fitter.step`)."""
+def make_optimizer(sf: SparseFlex, config: FitConfig, pinned: torch.Tensor | None = None, settle=None):
+    """The sectional optimiser (default; ``settle`` as :class:`SectionalAdam`'s), or ``torch.optim.Adam`` over the
+    full tensors (``optimizer="adam"``: the same steps with full-size gradients and updates; ``pinned`` corners then
+    get their gradients zeroed in :meth:`Fitter.step`)."""
     if config.optimizer == "sectional":
         return SectionalAdam(sf, (config.lr_sdf / sf.resolution, config.lr_deform, config.lr_weights),
-                             config.moment_dtype, pinned)
+                             config.moment_dtype, pinned, settle=settle)
     for name in PARAMS:
         getattr(sf, name).requires_grad_(True)
     return torch.optim.Adam([
@@ -191,7 +192,7 @@ class Fitter:
         self.guard = rim_guard(state.sf)
         self._release_samples_when_done()
         self.sampler.resolution = state.sf.resolution
-        self.optimizer = make_optimizer(state.sf, config, state.pinned)
+        self.optimizer = make_optimizer(state.sf, config, state.pinned, self._keep_rim_signs)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if state.optimizer_state is not None:
             self.optimizer.load_state_dict(state.optimizer_state)
@@ -236,16 +237,19 @@ class Fitter:
         return kind, float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
 
     @torch.no_grad()
-    def _keep_rim_signs(self) -> None:
-        """Put back, a hair's breadth from zero, the sign of every rim corner a step changed (see :func:`rim_guard`)."""
+    def _keep_rim_signs(self) -> bool:
+        """Put back, a hair's breadth from zero, the sign of every rim corner a step changed (see :func:`rim_guard`);
+        whether there was one."""
         rows, inside = self.guard
         if not len(rows):
-            return
+            return False
         sdf = self.state.sf.sdf
         changed = (sdf[rows] < 0) != inside
-        if bool(changed.any()):
-            eps = 1e-4 / self.state.sf.resolution
-            sdf[rows[changed]] = torch.where(inside[changed], -eps, eps).to(sdf.dtype)
+        if not bool(changed.any()):
+            return False
+        eps = 1e-4 / self.state.sf.resolution
+        sdf[rows[changed]] = torch.where(inside[changed], -eps, eps).to(sdf.dtype)
+        return True
 
     def _set_learning_rate(self) -> None:
         """Cosine decay from the configured rates to ``lr_final`` of them over the current stage."""
@@ -274,12 +278,13 @@ class Fitter:
                     progress(st, total)
                 if on_checkpoint is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                     on_checkpoint(self.snapshot())
+            self.sync()
             if st.stage + 1 < len(stages):
                 st.sf = self._refine(st.sf)
                 self.guard = rim_guard(st.sf)
                 st.pinned = None
                 self.sampler.resolution = st.sf.resolution
-                self.optimizer = make_optimizer(st.sf, cfg)
+                self.optimizer = make_optimizer(st.sf, cfg, settle=self._keep_rim_signs)
                 self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
             st.stage += 1
             self._release_samples_when_done()
@@ -295,8 +300,15 @@ class Fitter:
         known = (coords_to_keys(fine.corners), fine.sdf.detach(), fine.displacement().detach())
         return close_and_settle(fine.coords, r, self.field, cuts, known=known)
 
+    def sync(self) -> None:
+        """Bring every parameter up to date (the sectional optimiser defers the steps of rows outside a section)."""
+        if hasattr(self.optimizer, "sync"):
+            self.optimizer.sync()
+            self._keep_rim_signs()
+
     def snapshot(self) -> FitState:
         st = self.state
+        self.sync()
         st.optimizer_state = self.optimizer.state_dict()
         st.rng_state = self.sampler.generator.get_state()
         return st

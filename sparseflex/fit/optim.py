@@ -6,17 +6,17 @@ step gathers the section's rows of the full parameters into small leaf tensors (
 is computed and differentiated on those leaves only, and :meth:`RowAdam.step` applies Adam to the gathered rows and
 scatters the result back. Nothing of full size is created per step besides the moments, which persist.
 
-The rule (lazy Adam, the semantics of ``torch.optim.SparseAdam`` with ``torch.optim.Adam``'s placement of eps): a
-global step counter ``t`` counts :meth:`RowAdam.step` calls; for the rows ``r`` of a parameter in the step, with
-gradient ``g``::
+The result is ``torch.optim.Adam``'s, deferred. A row outside the section has a zero gradient, so Adam would only
+decay its moments and move it along its remaining momentum; those steps depend on nothing but the row's own moments
+and the step's learning rate and bias corrections. So each row remembers the step it was last brought up to date,
+and when it is next gathered (or at :meth:`RowAdam.sync`) the missed steps are applied at once::
 
-    m[r] = b1 m[r] + (1 - b1) g
-    v[r] = b2 v[r] + (1 - b2) g^2
-    p[r] -= lr / (1 - b1^t) * m[r] / (sqrt(v[r]) / sqrt(1 - b2^t) + eps)
+    for j in last+1 .. t:   m *= b1;  v *= b2;  p -= lr_j / (1 - b1^j) * m / (sqrt(v) / sqrt(1 - b2^j) + eps)
 
-Rows outside the section keep their parameters and moments (``torch.optim.Adam`` would keep moving them with their
-decaying momentum). With every row in every step it is exactly ``torch.optim.Adam``. The moments may be stored in a
-compact dtype (``bfloat16`` halves their memory; every update is computed in float32).
+(the parameter steps are summed for the first :data:`COAST_STEPS` missed steps, after which momentum has decayed by
+``(b1 / sqrt(b2))^200 < 1e-9``; the moments decay exactly). A row sees the same values a full-size Adam would give
+it whenever a loss reads it. The moments may be stored in a compact dtype (``bfloat16`` halves their memory; every
+update is computed in float32).
 """
 
 from __future__ import annotations
@@ -27,16 +27,19 @@ import torch
 
 from ..flexicubes.representation import SparseFlex
 
-FORMAT = "sectional-adam-1"
+FORMAT = "sectional-adam-1"  # rows are all up to date in a saved state (state_dict syncs), as version 1 had them
+COAST_STEPS = 200
 MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RowAdam:
-    """Lazy Adam on rows of full-size tensors (see the module's docstring for the rule).
+    """``torch.optim.Adam`` on rows of full-size tensors, each step touching only its rows (see the module's
+    docstring for how the rows left out catch up).
 
     ``groups``: ``[{"params": [tensor, ...], "lr": float}, ...]`` as for ``torch.optim``; the tensors are updated in
-    place and need no ``requires_grad``. ``frozen``: optional ``{id(param): bool [rows]}``; those rows never move
-    (their gradient counts as zero, as zeroing a full-size gradient would).
+    place and need no ``requires_grad``. ``frozen``: optional ``{id(param): bool [rows]}``; those rows get a zero
+    gradient (as zeroing a full-size gradient would; with no momentum they never move). One step counter serves
+    all parameters (every step gives every gathered parameter a gradient).
     """
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -45,23 +48,36 @@ class RowAdam:
             raise ValueError(f"moment dtype must be one of {', '.join(MOMENT_DTYPES)}; got {moment_dtype}")
         self.param_groups = [dict(g, params=list(g["params"])) for g in groups]
         self.params = [p for g in self.param_groups for p in g["params"]]
+        self.group_of = [k for k, g in enumerate(self.param_groups) for _ in g["params"]]
         self.betas, self.eps, self.moment_dtype = betas, eps, moment_dtype
         self.frozen = {i: frozen[id(p)] for i, p in enumerate(self.params) if frozen and id(p) in frozen}
         self.steps = 0
         self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
-        self._gathered: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
+        self.last: list[torch.Tensor | None] = [None] * len(self.params)  # int32 [rows]: step each row is up to
+        self._lrs = torch.zeros(16, len(self.param_groups), dtype=torch.float64)  # the rate of each step, per group
+        self._gathered: list[list | None] = [None] * len(self.params)  # rows, leaf, their moments
 
     # -- a step ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def gather(self, rows: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Leaf copies ``params[i][rows[i]]`` (requiring grad) for this step; ``None`` leaves a parameter out."""
+        """Leaf copies ``params[i][rows[i]]`` (requiring grad) for this step, brought up to date first (written back
+        to the parameters too); ``None`` leaves a parameter out."""
+        self._put_back()
         leaves = []
         for i, (p, r) in enumerate(zip(self.params, rows)):
             if r is None:
-                self._gathered[i] = None
                 leaves.append(None)
                 continue
-            leaf = p.detach()[r].requires_grad_(True)
-            self._gathered[i] = (r, leaf)
+            values = p[r]
+            m = v = None
+            if self.moments[i] is not None:  # the moments are read here once and kept for step()
+                m, v = (x[r].to(torch.float32) for x in self.moments[i])
+                behind = self.steps - self.last[i][r].long()
+                if bool((behind > 0).any()):
+                    values = self._coast(i, behind, values, m, v)
+                    p[r] = values
+            leaf = values.requires_grad_(True)
+            self._gathered[i] = [r, leaf, m, v]
             leaves.append(leaf)
         return leaves
 
@@ -75,34 +91,139 @@ class RowAdam:
     def step(self) -> None:
         """Adam on the gathered rows that received a gradient; the global step counts every call."""
         self.steps += 1
+        if self.steps > len(self._lrs):
+            self._lrs = torch.cat([self._lrs, torch.zeros_like(self._lrs)])
+        self._lrs[self.steps - 1] = torch.tensor([g["lr"] for g in self.param_groups], dtype=torch.float64)
         b1, b2 = self.betas
         bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
         dtype = MOMENT_DTYPES[self.moment_dtype]
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                entry = self._gathered[i]
-                if entry is not None and entry[1].grad is not None:
-                    rows, leaf = entry
-                    g = leaf.grad.to(torch.float32)
-                    if i in self.frozen:
-                        g = torch.where(self.frozen[i][rows].reshape(-1, *([1] * (g.dim() - 1))), 0.0, g)
-                    if self.moments[i] is None:
-                        self.moments[i] = (torch.zeros(p.shape, dtype=dtype, device=p.device),
-                                           torch.zeros(p.shape, dtype=dtype, device=p.device))
-                    exp_avg, exp_avg_sq = self.moments[i]
-                    m = exp_avg[rows].to(torch.float32).lerp_(g, 1 - b1)
-                    v = exp_avg_sq[rows].to(torch.float32).mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-                    new = leaf.detach().to(torch.float32).addcdiv_(m, denom, value=-group["lr"] / bc1)
-                    p[rows] = new.to(p.dtype)
-                    exp_avg[rows] = m.to(dtype)
-                    exp_avg_sq[rows] = v.to(dtype)
-                i += 1
+        for i, p in enumerate(self.params):
+            entry = self._gathered[i]
+            if entry is None or entry[1].grad is None:
+                continue
+            rows, leaf, m, v = entry
+            g = leaf.grad.to(torch.float32)
+            if i in self.frozen:
+                g = torch.where(self.frozen[i][rows].reshape(-1, *([1] * (g.dim() - 1))), 0.0, g)
+            if self.moments[i] is None:  # rows without momentum never move: all up to date
+                self.moments[i] = (torch.zeros(p.shape, dtype=dtype, device=p.device),
+                                   torch.zeros(p.shape, dtype=dtype, device=p.device))
+                self.last[i] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
+                m, v = torch.zeros_like(g), torch.zeros_like(g)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            lr = self.param_groups[self.group_of[i]]["lr"]
+            p[rows] = leaf.detach().to(torch.float32).addcdiv_(m, denom, value=-lr / bc1).to(p.dtype)
+            self._gathered[i] = None
+            self._put(i, rows, m, v, self.steps)
+        self._put_back(self.steps - 1)
+
+    def _put(self, i: int, rows: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int) -> None:
+        dtype = MOMENT_DTYPES[self.moment_dtype]
+        exp_avg, exp_avg_sq = self.moments[i]
+        exp_avg[rows] = m.to(dtype)
+        exp_avg_sq[rows] = v.to(dtype)
+        self.last[i][rows] = step
+
+    def _put_back(self, step: int | None = None) -> None:
+        """Gathered rows that took no Adam step: their caught-up moments go back, up to date at ``step``."""
+        for i, entry in enumerate(self._gathered):
+            if entry is not None and entry[2] is not None:
+                self._put(i, entry[0], entry[2], entry[3], self.steps if step is None else step)
         self._gathered = [None] * len(self.params)
+
+    # -- rows left out --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync(self, chunk: int = 1 << 20) -> None:
+        """Bring every row up to date (before the full parameters are read: extraction, refinement, a checkpoint)."""
+        self._put_back()
+        for i, p in enumerate(self.params):
+            if self.last[i] is None:
+                continue
+            for start in range(0, len(p), chunk):
+                behind = self.steps - self.last[i][start: start + chunk].long()
+                late = (behind > 0).nonzero().squeeze(1)
+                if len(late):
+                    rows = late + start
+                    m, v = (x[rows].to(torch.float32) for x in self.moments[i])
+                    p[rows] = self._coast(i, behind[late], p[rows], m, v)
+                    self._put(i, rows, m, v, self.steps)
+
+    def _coast(self, i: int, behind: torch.Tensor, values: torch.Tensor, m: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Adam's steps ``last+1 .. t`` with zero gradient on some rows of parameter ``i``: ``behind`` = t - last
+        (>= 0) per row, ``values`` their parameters, ``m`` and ``v`` their moments in float32 (decayed in place).
+        Returns the parameters after those steps.
+
+        With zero gradients the moments only decay, ``m_j = b1^k m`` and ``sqrt(v_j) = b2^(k/2) sqrt(v)`` after k
+        missed steps, so step j moves an entry by ``m a_k / (q + e_k)``, ``q = sqrt(v)``, with per-row scalars
+        ``a_k = lr_j sqrt(1 - b2^j) / (1 - b1^j) (b1 / sqrt(b2))^k`` and ``e_k = eps sqrt(1 - b2^j) / b2^(k/2)``.
+        Where ``q`` is over 100 times any ``e_k``, ``1 / (q + e) = 1/q - e/q^2 + e^2/q^3`` to 1e-6, so the sums over
+        k are per-row scalars (``S_n = sum_k a_k e_k^n``); the entries with a smaller ``q`` (gradients near eps)
+        sum their terms one by one."""
+        p = self.params[i]
+        b1, b2 = self.betas
+        last = self.steps - behind
+        oldest = int(last.min())
+        j = torch.arange(oldest + 1, self.steps + 1, dtype=torch.float64)  # the steps some row missed
+        lrs = self._lrs[oldest: self.steps, self.group_of[i]]
+        root = torch.sqrt(1 - b2 ** j)
+        a_tab = (lrs * root / (1 - b1 ** j)).to(p.device)
+        e_tab = (self.eps * root).to(p.device)
+        ks = torch.arange(1, COAST_STEPS + 1, device=p.device)
+
+        def terms(k: int, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """a_k, e_k of the rows whose first missed step has table index ``at``."""
+            idx = at + (k - 1)
+            return a_tab[idx] * (b1 / math.sqrt(b2)) ** k, e_tab[idx] / b2 ** (k / 2)
+
+        # The sums depend on a row's last step only: once per distinct last step. In increasing order, those still
+        # coasting at the k-th missed step are a prefix.
+        present = torch.zeros(self.steps - oldest + 1, dtype=torch.bool, device=p.device)
+        present[last - oldest] = True  # the distinct last steps without a sort: they lie in a short range
+        starts = present.nonzero().squeeze(1)
+        inverse = (present.cumsum(0) - 1)[last - oldest]
+        reach = torch.searchsorted(starts - (self.steps - oldest), -ks, right=True)
+        sums = torch.zeros(3, len(starts), dtype=torch.float64, device=p.device)
+        for k, n_ in enumerate(reach.tolist(), start=1):
+            if not n_:
+                break
+            a, e = terms(k, starts[:n_])
+            sums[0, :n_] += a
+            sums[1, :n_] += a * e
+            sums[2, :n_] += a * e * e
+        q = v.sqrt()
+        shape = (-1,) + (1,) * (m.dim() - 1)
+        s0, s1, s2 = (x.float()[inverse].reshape(shape) for x in sums)
+        small = q < 100 * self.eps / b2 ** (COAST_STEPS / 2)
+        acc = torch.where(small, 0.0, (s0 - (s1 - s2 / q) / q) / q)
+        exact = small & (m != 0)  # no momentum: no movement
+        if bool(exact.any()):
+            r = exact.nonzero()[:, 0]
+            qe = q[exact]
+            gone, order = behind[r].sort(descending=True)  # still coasting at the k-th missed step: a prefix
+            r, qe = r[order], qe[order]
+            at = (last - oldest)[r]
+            total = torch.zeros_like(qe)
+            counts = torch.searchsorted(-gone, -ks, right=True).tolist()
+            for k, n_ in enumerate(counts, start=1):
+                if not n_:
+                    break
+                a, e = terms(k, at[:n_])
+                total[:n_] += a.float() / (qe[:n_] + e.float())
+            acc[exact] = total[order.argsort()]
+        new = (values.to(torch.float32) - m * acc).to(values.dtype)
+        decay = behind.double()
+        m.mul_((b1 ** decay).float().reshape(shape))
+        v.mul_((b2 ** decay).float().reshape(shape))
+        return new
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The moments and the step count, every row brought up to date first (so the parameters saved beside it
+        are Adam's and no per-row bookkeeping needs saving)."""
+        self.sync()
         return {"format": FORMAT, "steps": self.steps, "betas": list(self.betas), "eps": self.eps,
                 "moment_dtype": self.moment_dtype, "lrs": [g["lr"] for g in self.param_groups],
                 "moments": [None if m is None else {"exp_avg": m[0], "exp_avg_sq": m[1]} for m in self.moments]}
@@ -124,13 +245,15 @@ class RowAdam:
             raise ValueError(f"optimiser state has {len(moments)} parameters, expected {len(self.params)}")
         for i, (p, m) in enumerate(zip(self.params, moments)):
             if m is None:
-                self.moments[i] = None
+                self.moments[i] = self.last[i] = None
                 continue
             if m["exp_avg"].shape != p.shape:
                 raise ValueError(f"optimiser state of shape {tuple(m['exp_avg'].shape)} for a parameter of "
                                  f"shape {tuple(p.shape)}")
             self.moments[i] = (m["exp_avg"].to(p.device, dtype, copy=True),
                                m["exp_avg_sq"].to(p.device, dtype, copy=True))
+            self.last[i] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
+        self._lrs = torch.zeros(max(16, 2 * self.steps), len(self.param_groups), dtype=torch.float64)
         for g, lr in zip(self.param_groups, lrs):
             g["lr"] = lr
 
@@ -140,13 +263,15 @@ class RowAdam:
 
 class SectionalAdam(RowAdam):
     """:class:`RowAdam` over a SparseFlex's parameters, with :meth:`select` in place of :meth:`SparseFlex.select`:
-    the section's SparseFlex whose parameters are this step's leaves. Groups and rates as ``make_optimizer``'s."""
+    the section's SparseFlex whose parameters are this step's leaves. Groups and rates as ``make_optimizer``'s.
+    ``settle`` (optional) runs after the section's rows catch up and before they are gathered: a constraint that
+    full-size Adam's caller applies after every step (the fitter's rim signs) then holds for them too."""
 
     def __init__(self, sf: SparseFlex, lrs: tuple[float, float, float], moment_dtype: str = "float32",
-                 pinned: torch.Tensor | None = None, betas=(0.9, 0.999), eps: float = 1e-8):
+                 pinned: torch.Tensor | None = None, betas=(0.9, 0.999), eps: float = 1e-8, settle=None):
         for name in ("sdf", "deform", "alpha_raw", "beta_raw", "gamma_raw"):
             getattr(sf, name).requires_grad_(False)  # gradients reach the leaves only
-        self.sf = sf
+        self.sf, self.settle = sf, settle
         frozen = None if pinned is None else {id(sf.sdf): pinned, id(sf.deform): pinned}
         super().__init__([{"params": [sf.sdf], "lr": lrs[0]}, {"params": [sf.deform], "lr": lrs[1]},
                           {"params": [sf.alpha_raw, sf.beta_raw, sf.gamma_raw], "lr": lrs[2]}],
@@ -154,6 +279,11 @@ class SectionalAdam(RowAdam):
 
     def select(self, voxel_mask: torch.Tensor) -> SparseFlex:
         idx, used, vc = self.sf.section_rows(voxel_mask)
-        sdf, deform, alpha, beta, gamma = self.gather([used, used, idx, idx, idx])
+        rows = [used, used, idx, idx, idx]
+        leaves = self.gather(rows)
+        if self.settle is not None and self.settle():  # it changed some rows: gather their new values
+            for leaf, p, r in zip(leaves, self.params, rows):
+                leaf.data.copy_(p[r])
+        sdf, deform, alpha, beta, gamma = leaves
         sf = self.sf
         return SparseFlex(sf.coords[idx], sf.resolution, sf.corners[used], vc, sdf, deform, alpha, beta, gamma)
