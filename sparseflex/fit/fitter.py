@@ -158,14 +158,32 @@ def refine(sf: SparseFlex, band: torch.Tensor, margin: int = 1) -> SparseFlex:
     return fine.select(VoxelHash(band).lookup(fine.coords) >= 0)
 
 
-def rim_guard(sf: SparseFlex) -> tuple[torch.Tensor, torch.Tensor]:
-    """(corner rows, inside) of the rim corners (ends of :func:`~sparseflex.fit.convert.rim_edges`) and their signs.
+class RimGuard:
+    """The rim corners (ends of :func:`~sparseflex.fit.convert.rim_edges`) of a SparseFlex and their signs; calling
+    it puts back, a hair's breadth from zero, every such sign a step changed, and says whether there was one.
 
     A crossing edge yields a face only when its 4 voxels are active, so the surface gets a boundary where a rim
-    edge starts to cross: the fit keeps these corners' signs (:meth:`Fitter.step`), so it never opens a surface
-    that ``convert`` closed (it did: featuretype 160 -> 328 boundary edges, gargoyle 0 -> 6)."""
-    rows = torch.unique(rim_edges(sf.voxel_corners, len(sf.corners)).reshape(-1))
-    return rows, sf.sdf.detach()[rows] < 0
+    edge starts to cross: the fit keeps these corners' signs (after every step, and before a section's rows are read
+    when the sectional optimiser brings them up to date), so it never opens a surface that ``convert`` closed (it
+    did: featuretype 160 -> 328 boundary edges, gargoyle 0 -> 6). It holds no reference to the fitter, so the
+    optimiser that calls it does not keep the fitter alive."""
+
+    def __init__(self, sf: SparseFlex):
+        self.sf = sf
+        self.rows = torch.unique(rim_edges(sf.voxel_corners, len(sf.corners)).reshape(-1))
+        self.inside = sf.sdf.detach()[self.rows] < 0
+
+    @torch.no_grad()
+    def __call__(self) -> bool:
+        if not len(self.rows):
+            return False
+        sdf = self.sf.sdf
+        changed = (sdf[self.rows] < 0) != self.inside
+        if not bool(changed.any()):
+            return False
+        eps = 1e-4 / self.sf.resolution
+        sdf[self.rows[changed]] = torch.where(self.inside[changed], -eps, eps).to(sdf.dtype)
+        return True
 
 
 class Fitter:
@@ -189,10 +207,10 @@ class Fitter:
         elif state.rng_state is not None:  # resuming: continue the camera sequence where it stopped
             self.sampler.generator.set_state(state.rng_state)
         self.state = state
-        self.guard = rim_guard(state.sf)
+        self.guard = RimGuard(state.sf)
         self._release_samples_when_done()
         self.sampler.resolution = state.sf.resolution
-        self.optimizer = make_optimizer(state.sf, config, state.pinned, self._keep_rim_signs)
+        self.optimizer = make_optimizer(state.sf, config, state.pinned, self.guard)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if state.optimizer_state is not None:
             self.optimizer.load_state_dict(state.optimizer_state)
@@ -232,24 +250,9 @@ class Fitter:
                     if p.grad is not None:
                         p.grad[self.state.pinned] = 0
             self.optimizer.step()
-            self._keep_rim_signs()
+            self.guard()
         timing["backward"] += time.perf_counter() - t3
         return kind, float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
-
-    @torch.no_grad()
-    def _keep_rim_signs(self) -> bool:
-        """Put back, a hair's breadth from zero, the sign of every rim corner a step changed (see :func:`rim_guard`);
-        whether there was one."""
-        rows, inside = self.guard
-        if not len(rows):
-            return False
-        sdf = self.state.sf.sdf
-        changed = (sdf[rows] < 0) != inside
-        if not bool(changed.any()):
-            return False
-        eps = 1e-4 / self.state.sf.resolution
-        sdf[rows[changed]] = torch.where(inside[changed], -eps, eps).to(sdf.dtype)
-        return True
 
     def _set_learning_rate(self) -> None:
         """Cosine decay from the configured rates to ``lr_final`` of them over the current stage."""
@@ -281,10 +284,10 @@ class Fitter:
             self.sync()
             if st.stage + 1 < len(stages):
                 st.sf = self._refine(st.sf)
-                self.guard = rim_guard(st.sf)
+                self.guard = RimGuard(st.sf)
                 st.pinned = None
                 self.sampler.resolution = st.sf.resolution
-                self.optimizer = make_optimizer(st.sf, cfg, settle=self._keep_rim_signs)
+                self.optimizer = make_optimizer(st.sf, cfg, settle=self.guard)
                 self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
             st.stage += 1
             self._release_samples_when_done()
@@ -304,7 +307,7 @@ class Fitter:
         """Bring every parameter up to date (the sectional optimiser defers the steps of rows outside a section)."""
         if hasattr(self.optimizer, "sync"):
             self.optimizer.sync()
-            self._keep_rim_signs()
+            self.guard()
 
     def snapshot(self) -> FitState:
         st = self.state
