@@ -75,12 +75,12 @@ def test_row_adam_is_torch_adam_over_a_sequence_of_sections():
     for step_seen, step_values, step_rows in zip(seen, values, rows):
         for leaf, full, r in zip(step_seen, step_values, step_rows):
             torch.testing.assert_close(leaf.double(), full[r], rtol=0, atol=2e-6)
-    behind = [(opt.last[i] < opt.steps).sum() for i in range(2)]
+    behind = [(last < opt.steps).sum() for last in opt.last.values()]
     assert min(behind) > 0  # some rows were left out of the last step: they are not up to date yet
     opt.sync()
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-6)
-    assert all(bool((last == opt.steps).all()) for last in opt.last)
+    assert all(bool((last == opt.steps).all()) for last in opt.last.values())
 
 
 def test_rows_left_out_longer_than_momentum_lasts():
@@ -197,6 +197,7 @@ def test_sectional_adam_on_a_sparseflex_is_the_full_size_adam():
         torch.testing.assert_close(getattr(sf, k), f.detach(), rtol=0, atol=1e-5)
     assert torch.equal(sf.sdf[pinned], start_sdf[pinned])
     assert not sf.sdf.requires_grad  # no full-size gradient anywhere
+    assert sorted(opt.last) == [0, 1]  # one record per row space: corners, voxels
 
 
 def test_state_dict_round_trip_and_torch_adam_state():

@@ -38,22 +38,27 @@ class RowAdam:
 
     ``groups``: ``[{"params": [tensor, ...], "lr": float}, ...]`` as for ``torch.optim``; the tensors are updated in
     place and need no ``requires_grad``. ``frozen``: optional ``{id(param): bool [rows]}``; those rows get a zero
-    gradient (as zeroing a full-size gradient would; with no momentum they never move). One step counter serves
-    all parameters (every step gives every gathered parameter a gradient).
+    gradient (as zeroing a full-size gradient would; with no momentum they never move). ``row_spaces``: optional
+    space id per parameter (in order); parameters of one space share their rows (one voxel's or one corner's
+    values), are always gathered with the same rows, and share one record of when each row was last up to date.
+    One step counter serves all parameters: a gathered parameter without a gradient takes a zero-gradient step.
     """
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 moment_dtype: str = "float32", frozen: dict | None = None):
+                 moment_dtype: str = "float32", frozen: dict | None = None, row_spaces: list[int] | None = None):
         if moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment dtype must be one of {', '.join(MOMENT_DTYPES)}; got {moment_dtype}")
         self.param_groups = [dict(g, params=list(g["params"])) for g in groups]
         self.params = [p for g in self.param_groups for p in g["params"]]
         self.group_of = [k for k, g in enumerate(self.param_groups) for _ in g["params"]]
+        self.space = list(row_spaces) if row_spaces is not None else list(range(len(self.params)))
+        if len(self.space) != len(self.params):
+            raise ValueError(f"{len(self.space)} row spaces for {len(self.params)} parameters")
         self.betas, self.eps, self.moment_dtype = betas, eps, moment_dtype
         self.frozen = {i: frozen[id(p)] for i, p in enumerate(self.params) if frozen and id(p) in frozen}
         self.steps = 0
         self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
-        self.last: list[torch.Tensor | None] = [None] * len(self.params)  # int32 [rows]: step each row is up to
+        self.last: dict[int, torch.Tensor] = {}  # per row space, int32 [rows]: the step each row is up to date at
         self._lrs = torch.zeros(16, len(self.param_groups), dtype=torch.float64)  # the rate of each step, per group
         self._gathered: list[list | None] = [None] * len(self.params)  # rows, leaf, their moments
 
@@ -63,7 +68,7 @@ class RowAdam:
         """Leaf copies ``params[i][rows[i]]`` (requiring grad) for this step, brought up to date first (written back
         to the parameters too); ``None`` leaves a parameter out."""
         self._put_back()
-        leaves = []
+        leaves, behind = [], {}
         for i, (p, r) in enumerate(zip(self.params, rows)):
             if r is None:
                 leaves.append(None)
@@ -72,9 +77,12 @@ class RowAdam:
             m = v = None
             if self.moments[i] is not None:  # the moments are read here once and kept for step()
                 m, v = (x[r].to(torch.float32) for x in self.moments[i])
-                behind = self.steps - self.last[i][r].long()
-                if bool((behind > 0).any()):
-                    values = self._coast(i, behind, values, m, v)
+                space = self.space[i]
+                if space not in behind:
+                    late = self.steps - self.last[space][r].long()
+                    behind[space] = late if bool((late > 0).any()) else None
+                if behind[space] is not None:
+                    values = self._coast(i, behind[space], values, m, v)
                     p[r] = values
             leaf = values.requires_grad_(True)
             self._gathered[i] = [r, leaf, m, v]
@@ -89,7 +97,7 @@ class RowAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Adam on the gathered rows that received a gradient; the global step counts every call."""
+        """Adam on the gathered rows; the global step counts every call."""
         self.steps += 1
         if self.steps > len(self._lrs):
             self._lrs = torch.cat([self._lrs, torch.zeros_like(self._lrs)])
@@ -99,38 +107,38 @@ class RowAdam:
         dtype = MOMENT_DTYPES[self.moment_dtype]
         for i, p in enumerate(self.params):
             entry = self._gathered[i]
-            if entry is None or entry[1].grad is None:
+            if entry is None:
                 continue
             rows, leaf, m, v = entry
-            g = leaf.grad.to(torch.float32)
+            g = leaf.grad.to(torch.float32) if leaf.grad is not None else torch.zeros_like(leaf, dtype=torch.float32)
             if i in self.frozen:
                 g = torch.where(self.frozen[i][rows].reshape(-1, *([1] * (g.dim() - 1))), 0.0, g)
             if self.moments[i] is None:  # rows without momentum never move: all up to date
                 self.moments[i] = (torch.zeros(p.shape, dtype=dtype, device=p.device),
                                    torch.zeros(p.shape, dtype=dtype, device=p.device))
-                self.last[i] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
+                if self.space[i] not in self.last:
+                    self.last[self.space[i]] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
                 m, v = torch.zeros_like(g), torch.zeros_like(g)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
             lr = self.param_groups[self.group_of[i]]["lr"]
             p[rows] = leaf.detach().to(torch.float32).addcdiv_(m, denom, value=-lr / bc1).to(p.dtype)
-            self._gathered[i] = None
-            self._put(i, rows, m, v, self.steps)
-        self._put_back(self.steps - 1)
+            entry[2], entry[3] = m, v
+        self._put_back()
 
-    def _put(self, i: int, rows: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int) -> None:
-        dtype = MOMENT_DTYPES[self.moment_dtype]
-        exp_avg, exp_avg_sq = self.moments[i]
-        exp_avg[rows] = m.to(dtype)
-        exp_avg_sq[rows] = v.to(dtype)
-        self.last[i][rows] = step
-
-    def _put_back(self, step: int | None = None) -> None:
-        """Gathered rows that took no Adam step: their caught-up moments go back, up to date at ``step``."""
+    def _put_back(self) -> None:
+        """The gathered rows' moments go back (after a step, or when a gather had no step), up to date now."""
         for i, entry in enumerate(self._gathered):
-            if entry is not None and entry[2] is not None:
-                self._put(i, entry[0], entry[2], entry[3], self.steps if step is None else step)
+            if entry is None or entry[2] is None:
+                continue
+            rows, _, m, v = entry
+            dtype = MOMENT_DTYPES[self.moment_dtype]
+            exp_avg, exp_avg_sq = self.moments[i]
+            exp_avg[rows] = m.to(dtype)
+            exp_avg_sq[rows] = v.to(dtype)
+            if self.space[i] in self.last:
+                self.last[self.space[i]][rows] = self.steps
         self._gathered = [None] * len(self.params)
 
     # -- rows left out --------------------------------------------------------------------------------------------
@@ -138,17 +146,21 @@ class RowAdam:
     def sync(self, chunk: int = 1 << 20) -> None:
         """Bring every row up to date (before the full parameters are read: extraction, refinement, a checkpoint)."""
         self._put_back()
-        for i, p in enumerate(self.params):
-            if self.last[i] is None:
-                continue
-            for start in range(0, len(p), chunk):
-                behind = self.steps - self.last[i][start: start + chunk].long()
+        dtype = MOMENT_DTYPES[self.moment_dtype]
+        for space, last in self.last.items():
+            members = [i for i in range(len(self.params)) if self.space[i] == space and self.moments[i] is not None]
+            for start in range(0, len(last), chunk):
+                behind = self.steps - last[start: start + chunk].long()
                 late = (behind > 0).nonzero().squeeze(1)
-                if len(late):
-                    rows = late + start
-                    m, v = (x[rows].to(torch.float32) for x in self.moments[i])
+                if not len(late):
+                    continue
+                rows = late + start
+                for i in members:
+                    p, (exp_avg, exp_avg_sq) = self.params[i], self.moments[i]
+                    m, v = exp_avg[rows].to(torch.float32), exp_avg_sq[rows].to(torch.float32)
                     p[rows] = self._coast(i, behind[late], p[rows], m, v)
-                    self._put(i, rows, m, v, self.steps)
+                    exp_avg[rows], exp_avg_sq[rows] = m.to(dtype), v.to(dtype)
+                last[rows] = self.steps
 
     def _coast(self, i: int, behind: torch.Tensor, values: torch.Tensor, m: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
@@ -241,18 +253,19 @@ class RowAdam:
             moments = [per.get(i, per.get(str(i))) for i in range(len(self.params))]
             self.steps = max((int(m["step"]) for m in moments if m is not None), default=0)
             lrs = [g["lr"] for g in state["param_groups"]]
+        self.last = {}
         if len(moments) != len(self.params):
             raise ValueError(f"optimiser state has {len(moments)} parameters, expected {len(self.params)}")
         for i, (p, m) in enumerate(zip(self.params, moments)):
             if m is None:
-                self.moments[i] = self.last[i] = None
+                self.moments[i] = None
                 continue
             if m["exp_avg"].shape != p.shape:
                 raise ValueError(f"optimiser state of shape {tuple(m['exp_avg'].shape)} for a parameter of "
                                  f"shape {tuple(p.shape)}")
             self.moments[i] = (m["exp_avg"].to(p.device, dtype, copy=True),
                                m["exp_avg_sq"].to(p.device, dtype, copy=True))
-            self.last[i] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
+            self.last[self.space[i]] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
         self._lrs = torch.zeros(max(16, 2 * self.steps), len(self.param_groups), dtype=torch.float64)
         for g, lr in zip(self.param_groups, lrs):
             g["lr"] = lr
@@ -275,7 +288,7 @@ class SectionalAdam(RowAdam):
         frozen = None if pinned is None else {id(sf.sdf): pinned, id(sf.deform): pinned}
         super().__init__([{"params": [sf.sdf], "lr": lrs[0]}, {"params": [sf.deform], "lr": lrs[1]},
                           {"params": [sf.alpha_raw, sf.beta_raw, sf.gamma_raw], "lr": lrs[2]}],
-                         betas, eps, moment_dtype, frozen)
+                         betas, eps, moment_dtype, frozen, row_spaces=[0, 0, 1, 1, 1])
 
     def select(self, voxel_mask: torch.Tensor) -> SparseFlex:
         idx, used, vc = self.sf.section_rows(voxel_mask)
