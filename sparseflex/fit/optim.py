@@ -171,9 +171,10 @@ class RowAdam:
         With zero gradients the moments only decay, ``m_j = b1^k m`` and ``sqrt(v_j) = b2^(k/2) sqrt(v)`` after k
         missed steps, so step j moves an entry by ``m a_k / (q + e_k)``, ``q = sqrt(v)``, with per-row scalars
         ``a_k = lr_j sqrt(1 - b2^j) / (1 - b1^j) (b1 / sqrt(b2))^k`` and ``e_k = eps sqrt(1 - b2^j) / b2^(k/2)``.
-        Where ``q`` is over 100 times any ``e_k``, ``1 / (q + e) = 1/q - e/q^2 + e^2/q^3`` to 1e-6, so the sums over
-        k are per-row scalars (``S_n = sum_k a_k e_k^n``); the entries with a smaller ``q`` (gradients near eps)
-        sum their terms one by one."""
+        Where ``q`` is over 100 times any ``e_k``, ``1 / (q + e) = 1/q - e/q^2`` to 1e-4 (of a coast that is itself
+        a fraction of the row's last steps), so the sums over k are scalars per distinct last step
+        (``S_n = sum_k a_k e_k^n``); the entries with a smaller ``q`` (gradients near eps) sum their terms one by
+        one."""
         p = self.params[i]
         b1, b2 = self.betas
         last = self.steps - behind
@@ -183,48 +184,33 @@ class RowAdam:
         root = torch.sqrt(1 - b2 ** j)
         a_tab = (lrs * root / (1 - b1 ** j)).to(p.device)
         e_tab = (self.eps * root).to(p.device)
-        ks = torch.arange(1, COAST_STEPS + 1, device=p.device)
-
-        def terms(k: int, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """a_k, e_k of the rows whose first missed step has table index ``at``."""
-            idx = at + (k - 1)
-            return a_tab[idx] * (b1 / math.sqrt(b2)) ** k, e_tab[idx] / b2 ** (k / 2)
-
-        # The sums depend on a row's last step only: once per distinct last step. In increasing order, those still
-        # coasting at the k-th missed step are a prefix.
+        # The terms depend on a row's last step only: a table [distinct last steps, missed steps] (zero past the
+        # row's own count), built at once.
         present = torch.zeros(self.steps - oldest + 1, dtype=torch.bool, device=p.device)
         present[last - oldest] = True  # the distinct last steps without a sort: they lie in a short range
         starts = present.nonzero().squeeze(1)
         inverse = (present.cumsum(0) - 1)[last - oldest]
-        reach = torch.searchsorted(starts - (self.steps - oldest), -ks, right=True)
-        sums = torch.zeros(3, len(starts), dtype=torch.float64, device=p.device)
-        for k, n_ in enumerate(reach.tolist(), start=1):
-            if not n_:
-                break
-            a, e = terms(k, starts[:n_])
-            sums[0, :n_] += a
-            sums[1, :n_] += a * e
-            sums[2, :n_] += a * e * e
+        ks = torch.arange(1, min(int(behind.max()), COAST_STEPS) + 1, device=p.device)
+        idx = (starts[:, None] + ks - 1).clamp_max(len(a_tab) - 1)
+        kd = ks.double()
+        a = torch.where(ks <= (self.steps - oldest - starts)[:, None], a_tab[idx] * (b1 / math.sqrt(b2)) ** kd, 0.0)
+        e = e_tab[idx] / b2 ** (kd / 2)
         q = v.sqrt()
         shape = (-1,) + (1,) * (m.dim() - 1)
-        s0, s1, s2 = (x.float()[inverse].reshape(shape) for x in sums)
-        small = q < 100 * self.eps / b2 ** (COAST_STEPS / 2)
-        acc = torch.where(small, 0.0, (s0 - (s1 - s2 / q) / q) / q)
-        exact = small & (m != 0)  # no momentum: no movement
+        s0, s1 = (x.float()[inverse].reshape(shape) for x in (a.sum(1), (a * e).sum(1)))
+        floor = 100 * self.eps / b2 ** (COAST_STEPS / 2)
+        qc = q.clamp_min(floor)
+        acc = s0.sub(s1 / qc).div_(qc)
+        exact = (q < floor) & (m != 0)  # below the floor the series is not accurate; no momentum: no movement
         if bool(exact.any()):
-            r = exact.nonzero()[:, 0]
+            u = inverse[exact.nonzero()[:, 0]]
             qe = q[exact]
-            gone, order = behind[r].sort(descending=True)  # still coasting at the k-th missed step: a prefix
-            r, qe = r[order], qe[order]
-            at = (last - oldest)[r]
-            total = torch.zeros_like(qe)
-            counts = torch.searchsorted(-gone, -ks, right=True).tolist()
-            for k, n_ in enumerate(counts, start=1):
-                if not n_:
-                    break
-                a, e = terms(k, at[:n_])
-                total[:n_] += a.float() / (qe[:n_] + e.float())
-            acc[exact] = total[order.argsort()]
+            a, e = a.float(), e.float()
+            total = torch.empty_like(qe)
+            for c in range(0, len(qe), 1 << 14):  # [entries, missed steps] in chunks
+                uu = u[c: c + (1 << 14)]
+                total[c: c + (1 << 14)] = (a[uu] / (qe[c: c + (1 << 14), None] + e[uu])).sum(1)
+            acc[exact] = total
         new = (values.to(torch.float32) - m * acc).to(values.dtype)
         decay = behind.double()
         m.mul_((b1 ** decay).float().reshape(shape))
