@@ -59,7 +59,8 @@ class RowAdam:
         self.steps = 0
         self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
         self.last: dict[int, torch.Tensor] = {}  # per row space, int32 [rows]: the step each row is up to date at
-        self._lrs = torch.zeros(16, len(self.param_groups), dtype=torch.float64)  # the rate of each step, per group
+        self._lrs: list[list[float]] = []  # the rates of the steps after step _lrs_from, per group
+        self._lrs_from = 0
         self._gathered: list[list | None] = [None] * len(self.params)  # rows, leaf, their moments
 
     # -- a step ---------------------------------------------------------------------------------------------------
@@ -99,9 +100,11 @@ class RowAdam:
     def step(self) -> None:
         """Adam on the gathered rows; the global step counts every call."""
         self.steps += 1
-        if self.steps > len(self._lrs):
-            self._lrs = torch.cat([self._lrs, torch.zeros_like(self._lrs)])
-        self._lrs[self.steps - 1] = torch.tensor([g["lr"] for g in self.param_groups], dtype=torch.float64)
+        self._lrs.append([g["lr"] for g in self.param_groups])
+        if self.steps % 1024 == 0 and self.last:  # forget the rates no row can still need
+            oldest = min(int(last.min()) for last in self.last.values())
+            del self._lrs[: oldest - self._lrs_from]
+            self._lrs_from = oldest
         b1, b2 = self.betas
         bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
         dtype = MOMENT_DTYPES[self.moment_dtype]
@@ -179,11 +182,13 @@ class RowAdam:
         b1, b2 = self.betas
         last = self.steps - behind
         oldest = int(last.min())
-        j = torch.arange(oldest + 1, self.steps + 1, dtype=torch.float64)  # the steps some row missed
-        lrs = self._lrs[oldest: self.steps, self.group_of[i]]
+        # the steps some row missed, their rates and bias corrections (made on the parameter's device)
+        j = torch.arange(oldest + 1, self.steps + 1, dtype=torch.float64, device=p.device)
+        lrs = torch.tensor([r[self.group_of[i]] for r in self._lrs[oldest - self._lrs_from:]], dtype=torch.float64,
+                           device=p.device)
         root = torch.sqrt(1 - b2 ** j)
-        a_tab = (lrs * root / (1 - b1 ** j)).to(p.device)
-        e_tab = (self.eps * root).to(p.device)
+        a_tab = lrs * root / (1 - b1 ** j)
+        e_tab = self.eps * root
         # The terms depend on a row's last step only: a table [distinct last steps, missed steps] (zero past the
         # row's own count), built at once.
         present = torch.zeros(self.steps - oldest + 1, dtype=torch.bool, device=p.device)
@@ -252,7 +257,7 @@ class RowAdam:
             self.moments[i] = (m["exp_avg"].to(p.device, dtype, copy=True),
                                m["exp_avg_sq"].to(p.device, dtype, copy=True))
             self.last[self.space[i]] = torch.full((len(p),), self.steps, dtype=torch.int32, device=p.device)
-        self._lrs = torch.zeros(max(16, 2 * self.steps), len(self.param_groups), dtype=torch.float64)
+        self._lrs, self._lrs_from = [], self.steps  # every row is up to date: no earlier rate is needed
         for g, lr in zip(self.param_groups, lrs):
             g["lr"] = lr
 
