@@ -129,18 +129,23 @@ class SparseFlex:
     # -- voxel-set edits ----------------------------------------------------------------------------------------
     def section_rows(self, voxel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of a subset of voxels: (voxel rows ``[n]``, corner rows in use ``[nc]``, their ``voxel_corners``
-        renumbered into the corner rows ``[n, 8]``)."""
+        renumbered into the corner rows ``[n, 8]``). Column by column: no ``[n, 8]`` temporaries besides the result."""
         idx = voxel_mask.nonzero().squeeze(1) if voxel_mask.dtype == torch.bool else voxel_mask
-        vc = self.voxel_corners[idx]
+        vc = self.voxel_corners
         # corners still in use, renumbered in order: a mask and a cumulative sum, no sort (this runs every step)
         in_use = torch.zeros(len(self.corners), dtype=torch.bool, device=vc.device)
-        in_use[vc.reshape(-1)] = True
+        for k in range(8):
+            in_use[vc[idx, k]] = True
         used = in_use.nonzero().squeeze(1)
+        del in_use
         # the new numbers of the corners in use only (a full-size cumulative sum would cost 8 bytes per corner)
         renumber = torch.empty(len(self.corners), dtype=torch.int32 if len(used) < 2 ** 31 else torch.long,
                                device=vc.device)
         renumber[used] = torch.arange(len(used), dtype=renumber.dtype, device=vc.device)
-        return idx, used, renumber[vc].long()
+        new_vc = vc.new_empty(len(idx), 8)
+        for k in range(8):
+            new_vc[:, k] = renumber[vc[idx, k]]
+        return idx, used, new_vc
 
     def select(self, voxel_mask: torch.Tensor) -> "SparseFlex":
         """The SparseFlex restricted to a subset of voxels (e.g. a camera's frustum section); differentiable."""
@@ -154,20 +159,7 @@ class SparseFlex:
         """In place and detached, :meth:`select` for a SparseFlex nothing else refers to: each tensor is replaced as
         soon as its copy exists, so the peak is one tensor twice, not the whole SparseFlex twice (dropping a few
         voxels of a 1024^3 band would otherwise copy ~2.5 GB)."""
-        idx = voxel_mask.nonzero().squeeze(1) if voxel_mask.dtype == torch.bool else voxel_mask
-        vc = self.voxel_corners
-        in_use = torch.zeros(len(self.corners), dtype=torch.bool, device=vc.device)
-        for k in range(8):  # column by column: no [n, 8] temporaries
-            in_use[vc[idx, k]] = True
-        used = in_use.nonzero().squeeze(1)
-        del in_use
-        renumber = torch.empty(len(self.corners), dtype=torch.int32 if len(used) < 2 ** 31 else torch.long,
-                               device=vc.device)
-        renumber[used] = torch.arange(len(used), dtype=renumber.dtype, device=vc.device)
-        new_vc = vc.new_empty(len(idx), 8)
-        for k in range(8):
-            new_vc[:, k] = renumber[vc[idx, k]]
-        del vc, renumber
+        idx, used, new_vc = self.section_rows(voxel_mask)
         self.voxel_corners = new_vc
         for name in ("coords", "alpha_raw", "beta_raw", "gamma_raw"):
             setattr(self, name, getattr(self, name)[idx])
