@@ -214,17 +214,32 @@ def test_cad_part_stays_watertight_at_128_and_256(shared_meshes, monkeypatch):
 
 
 # -- open inputs ------------------------------------------------------------------------------------------------------
-# With the default surface sample: for an open input the signs are tangent-plane signs, whose accuracy the loops
-# depend on (the t-shirt at 128 gets a fifth loop from 300,000 samples, none from the default 1.8 million).
+
+OPEN = ("dc_dress_v7k.obj", "dc_skirt7271.obj", "dc_sock1055.obj", "dc_tshirt1900.obj", "dc_wind48x48.obj",
+        "ddg_cowhead.obj", "ddg_hemisphere.obj", "gc_moebius.obj")
+
 
 @pytest.mark.slow
-def test_open_meshes_keep_their_boundary_loops_at_128(shared_meshes):
-    for name in ("dc_tshirt1900.obj", "ddg_hemisphere.obj"):  # all eight: benchmarks/fit.py
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_open_meshes_keep_their_boundary_loops_and_components(shared_meshes, resolution):
+    """Every open mesh of ../shared/data: as many boundary loops and components as the input, every loop within
+    2.5 voxels of the input's boundary, every piece within a voxel of its surface (300,000 samples: the t-shirt
+    had a fifth loop at 128 from this sample before ``jump_voxels``). Not yet the dress at 64 (6 loops: its hem's
+    pleats narrower than a voxel are bridged, its smallest hole, 0.9 voxels across, closes; docs/topology.md), nor
+    its components at 128 (a one-quad piece 0.8 voxels from the surface shares its voxels with the sheet)."""
+    for name in OPEN:
         gt = normalize(load_mesh(shared_meshes / "open" / name))[0]
-        want = loops(gt)
-        assert want > 0
-        ex = mesh_to_sparseflex(gt, 128).extract()
-        assert loops(Mesh(ex.vertices, ex.faces)) == want, name
+        ex = mesh_to_sparseflex(gt, resolution, num_points=POINTS).extract()
+        out = Mesh(ex.vertices, ex.faces)
+        want, got = topology(gt.vertices, gt.faces), topology(out.vertices, out.faces)
+        assert want["boundary_loops"] > 0 and got["nonmanifold_edges"] == 0, name
+        if (name, resolution) != ("dc_dress_v7k.obj", 64):
+            assert got["boundary_loops"] == want["boundary_loops"], name
+        if name != "dc_dress_v7k.obj":
+            assert got["components"] == want["components"], name
+        if name != "gc_moebius.obj":  # its loop runs along the seam it is cut across, away from the input's boundary
+            assert_loops_near_input_boundary(out, gt, resolution)
+        assert_every_piece_near_input_surface(out, gt, resolution)
 
 
 @pytest.mark.slow
@@ -320,6 +335,104 @@ def test_dress_has_no_surface_away_from_the_input_at_256(shared_meshes):
     out = Mesh(ex.vertices, ex.faces)
     assert_every_piece_near_input_surface(out, gt, 256)
     assert_loops_near_input_boundary(out, gt, 256)
+
+
+# -- the repairs of a tangent-plane field (open inputs), one by one ---------------------------------------------------
+
+def open_square(z: float, half: float = 0.3, flip: bool = False) -> Mesh:
+    """A square sheet at height ``z`` facing +z (-z with ``flip``): an open surface of one boundary loop."""
+    v = torch.tensor([[-half, -half, z], [half, -half, z], [half, half, z], [-half, half, z]])
+    f = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    return Mesh(v, f.flip(1) if flip else f)
+
+
+def field_of(mesh: Mesh, points: int, seed: int = 0):
+    from sparseflex.data.sampling import sample_surface
+    from sparseflex.fit.convert import CornerField
+    from sparseflex.flexicubes.init_sdf import OrientedPoints
+
+    pts, nrm = sample_surface(mesh, points, generator=torch.Generator().manual_seed(seed))[:2]
+    return CornerField(mesh, OrientedPoints(pts, nrm), thin_sheets=False, closed=False)
+
+
+def block(lo, hi, resolution: int, value):
+    """A SparseFlex on the voxels ``lo <= (x, y, z) < hi`` whose corner ``c`` (integer, ``[M, 3]``) has SDF
+    ``value(c)`` (world units)."""
+    from sparseflex.fit.convert import sparseflex_from_values
+    from sparseflex.sparse.coords import batched, coords_to_keys, corner_lattice
+
+    axes = [torch.arange(a, b) for a, b in zip(lo, hi)]
+    coords = batched(torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3))
+    corners, _ = corner_lattice(coords)
+    sdf = value(corners[:, 1:]).to(torch.float32)
+    return sparseflex_from_values(coords, resolution, coords_to_keys(corners), sdf, torch.zeros(len(sdf), 3))
+
+
+def test_jump_voxels_are_those_whose_every_crossing_misses_the_surface():
+    """A sheet at grid height 8.48; the field crosses zero there (the surface) and again between heights 10 and 11,
+    1.5 and 2.5 voxels from it (a jump: no surface can cross an edge whose ends are 4 voxels from it together)."""
+    from sparseflex.fit.convert import jump_voxels
+
+    R, z0 = 16, 0.03
+    field = field_of(open_square(z0), 4000)
+    world = lambda c: c.to(torch.float64) / R - 0.5  # noqa: E731
+    sf = block((4, 4, 5), (12, 12, 13), R, lambda c: torch.where(c[:, 2] <= 10, world(c)[:, 2] - z0,
+                                                                  z0 - world(c)[:, 2]))
+    drop = jump_voxels(sf, field, R)
+    z = sf.coords[:, 3]
+    assert bool(drop[z == 10].all()) and not bool(drop[z != 10].any())
+    # a voxel with one real crossing is kept, whatever else it holds. The sheet at height 8.9, and the corner
+    # (7, 7, 8), 0.9 voxels below it, on the wrong side: its edges to its neighbours at height 8 are jumps (0.9 + 0.9
+    # voxels from the surface), and so is its edge down to (7, 7, 7); the 4 voxels above it hold the sheet's
+    # crossings too, the 4 below only jumps
+    z0 = 8.9 / R - 0.5
+    field = field_of(open_square(z0), 4000)
+    wrong = torch.tensor([7, 7, 8])
+    sf = block((4, 4, 6), (12, 12, 11), R, lambda c: torch.where((c == wrong).all(1), 0.9 / R,
+                                                                  world(c)[:, 2] - z0))
+    drop = jump_voxels(sf, field, R)
+    below = ((sf.coords[:, 1:3] >= 6) & (sf.coords[:, 1:3] <= 7)).all(1) & (sf.coords[:, 3] == 7)
+    assert torch.equal(drop, below) and int(below.sum()) == 4
+
+
+def test_bubbles_are_small_closed_sets_of_corners():
+    from sparseflex.fit.convert import bubbles
+
+    inside = {(3, 3, 3), (4, 3, 3),                        # two corners: a bubble
+              (7, 7, 7),                                    # one corner: a bubble
+              *((x, y, 3) for x in range(6, 9) for y in range(6, 9)),  # nine: larger than max_corners
+              (0, 5, 5)}                                    # on the block's face: a neighbour is missing
+
+    def value(c):
+        out = torch.ones(len(c))
+        for p in inside:
+            out[(c == torch.tensor(p)).all(1)] = -1.0
+        return out
+
+    sf = block((0, 0, 0), (10, 10, 10), 16, value)
+    got = {tuple(p) for p in sf.corners[bubbles(sf), 1:].tolist()}
+    assert got == {(3, 3, 3), (4, 3, 3), (7, 7, 7)}
+    assert {tuple(p) for p in sf.corners[bubbles(sf, max_corners=9), 1:].tolist()} == got | {
+        (x, y, 3) for x in range(6, 9) for y in range(6, 9)}
+
+
+def test_corner_signs_do_not_come_from_the_far_sheet_of_a_thin_plate():
+    """Two sheets a hundredth of a voxel apart, facing away from each other (a plate, or a fold of cloth), with a
+    sample sparser than that: the sample nearest to a corner is as often on the far sheet, whose plane gives the
+    wrong sign at full size. Every corner outside the plate is outside."""
+    R, z0 = 32, 0.01
+    t = 0.01 / R
+    plate = open_square(z0 + t)
+    below = open_square(z0, flip=True)
+    mesh = Mesh(torch.cat([plate.vertices, below.vertices]), torch.cat([plate.faces, below.faces + 4]))
+    field = field_of(mesh, 3000)
+    axes = torch.arange(10, 22)
+    grid = torch.stack(torch.meshgrid(axes, axes, torch.arange(12, 22), indexing="ij"), -1).reshape(-1, 3)
+    pos = grid.to(torch.float32) / R - 0.5
+    away = (pos[:, 2] - z0).abs() >= 1.0 / R
+    assert bool((field.samples.sdf(pos)[away] < 0).any())  # the nearest sample alone is wrong somewhere
+    sdf, _ = field(grid, R)
+    assert bool((sdf[away] > 0).all())
 
 
 # -- the reports ------------------------------------------------------------------------------------------------------

@@ -159,6 +159,13 @@ class CornerField:
                 sdf[wrong] = torch.from_numpy(self.distance(pos[wrong])).to(sdf)
             magnitude = sdf.abs().clamp_min(self.MIN_DISTANCE / resolution)  # a zero would read as outside
             sdf = torch.where(inside, -magnitude, magnitude)
+        elif len(pos):
+            doubt = self.samples.mixed_sides(pos.to(self.samples.points.dtype)).to(sdf.device)
+            if bool(doubt.any()):
+                rows = doubt.nonzero().squeeze(1)
+                exact, facing = self.signed_distance(pos[rows])
+                rows = rows[torch.from_numpy(facing).to(rows.device)]
+                sdf[rows] = torch.from_numpy(exact[facing]).to(sdf)
         disp = torch.zeros_like(pos)
         if self.thin_sheets and len(pos):
             idx, value, move = self.samples.thin_sheets(pos.to(self.samples.points.dtype), resolution, self.side)
@@ -172,11 +179,28 @@ class CornerField:
 
     def distance(self, pos: torch.Tensor) -> np.ndarray:
         """Exact distance of points ``[M, 3]`` to the mesh's triangles."""
+        return self._closest(pos)[0]
+
+    def signed_distance(self, pos: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Exact distance of points ``[M, 3]`` to the triangles, signed by the side of the closest triangle's plane
+        (the exact counterpart of the nearest sample's tangent plane: no sample to take from the wrong sheet), and
+        whether that side means anything: the closest point is inside the triangle, not on an edge or a corner
+        (sideways of a fold or a boundary, where no plane says which side a point is on)."""
+        q = pos.detach().cpu().double().numpy()
+        dist, face = self._closest(pos)
+        v = self.mesh.vertices.detach().cpu().double().numpy()
+        f = self.mesh.faces.cpu().numpy()[face]
+        normal = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+        normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+        plane = ((q - v[f[:, 0]]) * normal).sum(1)
+        return np.where(plane < 0, -dist, dist), np.abs(plane) >= 0.999 * dist
+
+    def _closest(self, pos: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         from ..eval.metrics import SurfaceDistance
 
         if self._surface is None:
             self._surface = SurfaceDistance(self.mesh.vertices, self.mesh.faces)
-        return self._surface.query(pos.detach().cpu().double().numpy())[0]
+        return self._surface.query(pos.detach().cpu().double().numpy())
 
 
 def surface_band(mesh: Mesh, resolution: int, samples: OrientedPoints, dilation: int = 1,
@@ -386,22 +410,103 @@ def settle_rim(sdf: torch.Tensor, rim: torch.Tensor, max_fraction: float = 0.25)
     return sdf, int(flip.sum())
 
 
-def lone_corners(sf: SparseFlex, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows (among ``rows``, default all) of the corners whose 6 grid neighbours are all corners of ``sf`` and all
-    on the other side: each makes a closed bubble smaller than a voxel around itself."""
-    rows = torch.arange(len(sf.corners), device=sf.sdf.device) if rows is None else rows
-    if not len(rows):
-        return rows
+def bubbles(sf: SparseFlex, max_corners: int = 8) -> torch.Tensor:
+    """Rows of the corners that make closed bubbles: connected sets (grid neighbours, one sign) of at most
+    ``max_corners`` corners whose other grid neighbours are all corners of ``sf`` and all on the other side. Each
+    set is wrapped in a closed surface about a voxel across, of its own.
+
+    Candidates first (at least 2 neighbours on the other side: a corner next to an ordinary sheet has 1), so the
+    graph is built on a few corners, not on the 12M of a 1024^3 band."""
+    device = sf.sdf.device
     table = VoxelHash(sf.corners)
     inside = sf.sdf.detach() < 0
-    lone = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-    for axis in range(3):
-        for step in (-1, 1):
-            nb = sf.corners[rows].clone()
-            nb[:, 1 + axis] += step
-            j = table.lookup(nb)
-            lone &= (j >= 0) & (inside[j.clamp_min(0)] != inside[rows])
-    return rows[lone]
+    steps = [(axis, step) for axis in range(3) for step in (-1, 1)]
+
+    def neighbour(rows, axis, step):
+        nb = sf.corners[rows].clone()
+        nb[:, 1 + axis] += step
+        return table.lookup(nb)
+
+    opposite = torch.zeros(len(sf.corners), dtype=torch.uint8, device=device)
+    every = torch.arange(len(sf.corners), device=device)
+    for axis, step in steps:
+        j = neighbour(every, axis, step)
+        opposite += ((j >= 0) & (inside[j.clamp_min(0)] != inside)).to(torch.uint8)
+        del j
+    del every
+    cand = (opposite >= 2).nonzero().squeeze(1)
+    del opposite
+    if not len(cand):
+        return cand
+    nb = torch.stack([neighbour(cand, axis, step) for axis, step in steps], 1)  # [C, 6]
+    local = torch.full((len(sf.corners),), -1, dtype=torch.long, device=device)
+    local[cand] = torch.arange(len(cand), device=device)
+    same = (nb >= 0) & (inside[nb.clamp_min(0)] == inside[cand][:, None])
+    ln = local[nb.clamp_min(0)]
+    joined = same & (ln >= 0)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    r, c = joined.nonzero(as_tuple=True)
+    _, label = connected_components(coo_matrix((np.ones(len(r)), (r.cpu().numpy(), ln[r, c].cpu().numpy())),
+                                               shape=(len(cand), len(cand))), directed=False)
+    label = torch.from_numpy(label).to(device)
+    pieces = int(label.max()) + 1
+    # a set is closed off when every neighbour exists and is either on the other side or in the set
+    bad = (nb < 0) | (same & ~joined)
+    open_ = torch.zeros(pieces, dtype=torch.bool, device=device)
+    open_[label[bad.any(1)]] = True
+    size = torch.bincount(label, minlength=pieces)
+    return cand[~open_[label] & (size[label] <= max_corners)]
+
+
+def _crossing_edges(sf: SparseFlex) -> tuple[torch.Tensor, torch.Tensor]:
+    """(voxel rows, edge numbers 0..11) of the voxel edges whose corner signs differ, edge number by edge number
+    (a ``[N, 12]`` gather of int64 rows is 1 GB at 1024^3)."""
+    inside = sf.sdf.detach() < 0
+    vc = sf.voxel_corners
+    v, e = [], []
+    for k, (a, b) in enumerate(EDGE_CORNERS.tolist()):
+        rows = (inside[vc[:, a]] != inside[vc[:, b]]).nonzero().squeeze(1)
+        v.append(rows)
+        e.append(torch.full_like(rows, k))
+    return torch.cat(v), torch.cat(e)
+
+
+def jump_voxels(sf: SparseFlex, field: CornerField, resolution: int, slack: float = 0.25) -> torch.Tensor:
+    """``[N]`` bool: the voxels whose every crossing edge is a jump of the sign field, not the input's surface.
+
+    The surface can cross an edge only if the edge's ends lie within its length of the surface together:
+    ``d(a) + d(b) <= |a - b|`` for the exact distances ``d`` (``slack`` voxels of tolerance). A tangent-plane
+    field (inputs without parity signs) also changes sign where the nearest sample jumps from one sheet to another
+    (between sheets whose orientations disagree, sideways of a boundary), and where such a crossing lies inside
+    the band it makes surface the input lacks: a hole when its edge lacks voxels (the band's rim), a bridge or a
+    fragment when it has them. Dropping the voxels that hold nothing else removes that surface and no other: a
+    voxel with one real crossing edge is kept, with every voxel around that edge."""
+    n = len(sf.coords)
+    drop = torch.zeros(n, dtype=torch.bool, device=sf.sdf.device)
+    v, e = _crossing_edges(sf)
+    if not len(v):
+        return drop
+    ends = EDGE_CORNERS.to(v.device)
+    ra, rb = sf.voxel_corners[v, ends[e, 0]], sf.voxel_corners[v, ends[e, 1]]
+    pos = sf.corner_positions().detach()
+    rows, inv = torch.unique(torch.cat([ra, rb]), return_inverse=True)
+    ia, ib = inv[:len(v)], inv[len(v):]
+    limit = (pos[ra] - pos[rb]).norm(dim=1) + slack / resolution
+    del ra, rb
+    # the nearest sample lies on the surface, so its distance bounds d from above; exact distances for the rest
+    signed, lateral = field.samples.nearest(pos[rows])
+    d = torch.sqrt(signed ** 2 + lateral ** 2).to(pos.dtype)
+    doubt = d[ia] + d[ib] > limit
+    if not bool(doubt.any()):
+        return drop
+    check = torch.unique(torch.cat([ia[doubt], ib[doubt]]))
+    d[check] = torch.as_tensor(field.distance(pos[rows[check]]), dtype=d.dtype, device=d.device)
+    jump = doubt & (d[ia] + d[ib] > limit)
+    drop[v[jump]] = True
+    drop[v[~jump]] = False
+    return drop
 
 
 def stray_pieces(sf: SparseFlex, field: CornerField, resolution: int, near: float = 1.0) -> torch.Tensor:
@@ -419,11 +524,9 @@ def stray_pieces(sf: SparseFlex, field: CornerField, resolution: int, near: floa
     device = sf.sdf.device
     if not n:
         return torch.zeros(0, dtype=torch.bool, device=device)
-    inside = sf.sdf.detach() < 0
     ends = EDGE_CORNERS.to(device)
     vc = sf.voxel_corners
-    crossing = inside[vc[:, ends[:, 0]]] != inside[vc[:, ends[:, 1]]]  # [N, 12]
-    v, e = crossing.nonzero(as_tuple=True)
+    v, e = _crossing_edges(sf)
     if not len(v):
         return torch.zeros(n, dtype=torch.bool, device=device)
     low = vc[v, _edge_low_corner().to(device)[e]]
@@ -508,6 +611,11 @@ def close_and_settle(coords: torch.Tensor, resolution: int, field: CornerField, 
     accept = None if field.closed else surface_crossings(field, cuts, resolution)
     coords, keys, sdf, disp, done = close_band(coords, resolution, field, known=known, accept=accept)
     sf = sparseflex_from_values(coords, resolution, keys, sdf, disp)
+    if not field.closed and known is None:  # a fit's values (``known``) need not be distances: leave them
+        jumps = jump_voxels(sf, field, resolution)
+        done["jump_voxels"] = int(jumps.sum())
+        if bool(jumps.any()):
+            sf.keep_(~jumps)
     rim = rim_edges(sf.voxel_corners, len(sf.corners))
     inside = sf.sdf < 0
     crossing = inside[rim[:, 0]] != inside[rim[:, 1]]
@@ -520,9 +628,9 @@ def close_and_settle(coords: torch.Tensor, resolution: int, field: CornerField, 
         rim = rim[keep]
     sf.sdf, done["rim_flips"] = settle_rim(sf.sdf, rim)
     if not field.closed:  # tangent-plane signs leave lone corners at folds; parity's are the input's own
-        lone = lone_corners(sf)
+        lone = bubbles(sf)
         sf.sdf[lone] = -sf.sdf[lone]
-        done["lone_corners"] = len(lone)
+        done["bubble_corners"] = len(lone)
         stray = stray_pieces(sf, field, resolution)
         done["stray_voxels"] = int(stray.sum())
         if bool(stray.any()):
