@@ -23,7 +23,7 @@ from ..flexicubes.init_sdf import OrientedPoints, tangent_distances
 
 class TiledPoints:
     """Drop-in for :class:`OrientedPoints` (``points``, ``normals``, :meth:`nearest`, :meth:`sdf`,
-    :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over [-0.5, 0.5]^3 (samples and
+    :meth:`mixed_sides`, :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over [-0.5, 0.5]^3 (samples and
     queries outside it go to the border tiles; 0: from the number of samples); ``margin`` (world units, 0: a
     sixteenth of a tile) is how far around a tile its tree's samples reach on the first try."""
 
@@ -79,28 +79,47 @@ class TiledPoints:
                 k = int(key[rows[0]])
                 yield (k // self.tiles ** 2, (k // self.tiles) % self.tiles, k % self.tiles), rows
 
-    def nearest_index(self, query: torch.Tensor) -> np.ndarray:
-        """Row of the sample nearest to each query (exact; see the module's docstring)."""
+    def _knn(self, query: torch.Tensor, k: int):
+        """Yield (query rows, rows ``[len(rows), k]`` of their ``k`` nearest samples), tile by tile: exact, see the
+        module's docstring."""
         q_all = query.detach().cpu().double().numpy()
-        out = np.empty(len(q_all), np.int64)
         P = self.points
         for tile, rows in self._by_tile(query):
             lo, hi = self._box(tile, q_all[rows])
             margin = self.margin
             for _ in range(3):
                 members = self._members(lo, hi, margin) if margin < 2.0 else np.arange(len(self.order))
-                if len(members):
+                if len(members) >= k:
                     tree = cKDTree(P[torch.from_numpy(members)].detach().cpu().double().numpy())
-                    d, j = tree.query(q_all[rows], k=1)
-                    ok = d <= margin  # no sample outside the members is nearer
-                    out[rows[ok]] = members[j[ok]]
+                    d, j = tree.query(q_all[rows], k=k)
+                    d, j = d.reshape(len(rows), k), j.reshape(len(rows), k)
+                    ok = d[:, -1] <= margin  # no sample outside the members is nearer
+                    yield rows[ok], members[j[ok]]
                     if ok.all():
                         break
-                    # the true nearest sample lies within the distance to the nearest member: one more pass
-                    rows, margin = rows[~ok], float(d[~ok].max()) * (1 + 1e-9) + 1e-12
+                    # the true k nearest lie within the distance to the k-th nearest member: one more pass
+                    rows, margin = rows[~ok], float(d[~ok, -1].max()) * (1 + 1e-9) + 1e-12
                 else:
-                    margin = 2.0  # no sample near this tile: all of them
+                    margin = 2.0 if margin >= 1.0 else 2 * margin + 1.0 / self.tiles  # too few: widen
+
+    def nearest_index(self, query: torch.Tensor) -> np.ndarray:
+        """Row of the sample nearest to each query (exact; see the module's docstring)."""
+        out = np.empty(len(query), np.int64)
+        for rows, idx in self._knn(query, 1):
+            out[rows] = idx[:, 0]
         return out
+
+    def mixed_sides(self, query: torch.Tensor, k: int = 16) -> torch.Tensor:
+        """As :meth:`OrientedPoints.mixed_sides`, tile by tile."""
+        out = np.zeros(len(query), dtype=bool)
+        q = query.detach().cpu().double().numpy()
+        for rows, idx in self._knn(query, min(k, len(self.order))):
+            t = torch.from_numpy(idx)
+            p = self.points[t].detach().cpu().double().numpy()
+            n = self.normals[t].detach().cpu().double().numpy()
+            side = ((q[rows][:, None] - p) * n).sum(2) > 0
+            out[rows] = side.any(1) & ~side.all(1)
+        return torch.from_numpy(out).to(query.device)
 
     def nearest(self, query: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG002
         """As :meth:`OrientedPoints.nearest`: the signed tangent-plane distance and the lateral distance."""
