@@ -43,9 +43,11 @@ def test_tiled_nearest_is_the_global_nearest():
     s0, l0 = OrientedPoints(p, n).nearest(q)
     torch.testing.assert_close(s1, s0, rtol=0, atol=1e-6)
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-6)
-    # the sign check of the 16 nearest (``mixed_sides``): the thin plate's two sheets disagree near it
-    mixed = tiled.mixed_sides(q)
-    assert torch.equal(mixed, OrientedPoints(p, n).mixed_sides(q)) and 100 < int(mixed.sum()) < len(q) // 2
+    # with the side check of the 16 nearest: the thin plate's two sheets disagree near it
+    (s2, mixed), (s3, want) = tiled.sdf_and_doubt(q), OrientedPoints(p, n).sdf_and_doubt(q)
+    torch.testing.assert_close(s2, s0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s3, s0, rtol=0, atol=0)
+    assert torch.equal(mixed, want) and 100 < int(mixed.sum()) < len(q) // 2
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

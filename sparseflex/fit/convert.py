@@ -151,7 +151,11 @@ class CornerField:
     def __call__(self, corners: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """SDF ``[M]`` and world displacement ``[M, 3]`` of integer grid corners ``[M, 3]`` at ``resolution``."""
         pos = corners.to(torch.float32) / resolution - 0.5
-        sdf = self.samples.sdf(pos).to(pos.dtype)
+        if self.closed or not len(pos):
+            sdf = self.samples.sdf(pos).to(pos.dtype)
+        else:  # one search for the nearest sample and the side check of the 16 nearest
+            sdf, doubt = self.samples.sdf_and_doubt(pos)
+            sdf = sdf.to(pos.dtype)
         if self.closed and len(pos):
             inside = self.parity(resolution).inside(corners).to(sdf.device)
             wrong = (sdf < 0) != inside
@@ -160,7 +164,7 @@ class CornerField:
             magnitude = sdf.abs().clamp_min(self.MIN_DISTANCE / resolution)  # a zero would read as outside
             sdf = torch.where(inside, -magnitude, magnitude)
         elif len(pos):
-            doubt = self.samples.mixed_sides(pos.to(self.samples.points.dtype)).to(sdf.device)
+            doubt = doubt.to(sdf.device)
             if bool(doubt.any()):
                 rows = doubt.nonzero().squeeze(1)
                 exact, facing = self.signed_distance(pos[rows])

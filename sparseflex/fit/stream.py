@@ -23,7 +23,7 @@ from ..flexicubes.init_sdf import OrientedPoints, tangent_distances
 
 class TiledPoints:
     """Drop-in for :class:`OrientedPoints` (``points``, ``normals``, :meth:`nearest`, :meth:`sdf`,
-    :meth:`mixed_sides`, :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over [-0.5, 0.5]^3 (samples and
+    :meth:`sdf_and_doubt`, :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over [-0.5, 0.5]^3 (samples and
     queries outside it go to the border tiles; 0: from the number of samples); ``margin`` (world units, 0: a
     sixteenth of a tile) is how far around a tile its tree's samples reach on the first try."""
 
@@ -109,17 +109,20 @@ class TiledPoints:
             out[rows] = idx[:, 0]
         return out
 
-    def mixed_sides(self, query: torch.Tensor, k: int = 16) -> torch.Tensor:
-        """As :meth:`OrientedPoints.mixed_sides`, tile by tile."""
-        out = np.zeros(len(query), dtype=bool)
+    def sdf_and_doubt(self, query: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`OrientedPoints.sdf_and_doubt`, tile by tile."""
+        nearest = np.empty(len(query), np.int64)
+        doubt = np.zeros(len(query), dtype=bool)
         q = query.detach().cpu().double().numpy()
         for rows, idx in self._knn(query, min(k, len(self.order))):
             t = torch.from_numpy(idx)
             p = self.points[t].detach().cpu().double().numpy()
             n = self.normals[t].detach().cpu().double().numpy()
             side = ((q[rows][:, None] - p) * n).sum(2) > 0
-            out[rows] = side.any(1) & ~side.all(1)
-        return torch.from_numpy(out).to(query.device)
+            nearest[rows] = idx[:, 0]
+            doubt[rows] = side.any(1) & ~side.all(1)
+        sdf = tangent_distances(self.points, self.normals, nearest, query)[0]
+        return sdf, torch.from_numpy(doubt).to(query.device)
 
     def nearest(self, query: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG002
         """As :meth:`OrientedPoints.nearest`: the signed tangent-plane distance and the lateral distance."""
