@@ -62,6 +62,18 @@ def test_streamed_convert_equals_the_current_convert(resolution):
     assert (ref.deform != 0).any(1).sum() > 50  # the thin plate's corners were moved: that path is compared too
 
 
+def test_side_check_with_fewer_samples_than_it_asks_for():
+    """Five samples, sixteen asked for: every sample is used, in one tree and tile by tile alike."""
+    p = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.2, 0.2, 0.01], [0.3, 0.0, 0.0]])
+    n = torch.tensor([[0.0, 0.0, 1.0]] * 4 + [[0.0, 0.0, -1.0]])
+    q = torch.tensor([[0.05, 0.05, 0.2], [0.4, 0.4, -0.3]])
+    want = torch.tensor([True, True])  # the last sample faces the other way: every query is in doubt
+    for points in (OrientedPoints(p, n), TiledPoints(p, n, tiles=3)):
+        sdf, doubt = points.sdf_and_doubt(q)
+        assert torch.equal(doubt, want)
+        torch.testing.assert_close(sdf, OrientedPoints(p, n).sdf(q))
+
+
 def test_large_samples_are_tiled_small_ones_use_one_tree(monkeypatch):
     from sparseflex.fit import stream
     p = torch.rand(1000, 3) - 0.5

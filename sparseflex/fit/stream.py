@@ -23,9 +23,9 @@ from ..flexicubes.init_sdf import OrientedPoints, tangent_distances
 
 class TiledPoints:
     """Drop-in for :class:`OrientedPoints` (``points``, ``normals``, :meth:`nearest`, :meth:`sdf`,
-    :meth:`sdf_and_doubt`, :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over [-0.5, 0.5]^3 (samples and
-    queries outside it go to the border tiles; 0: from the number of samples); ``margin`` (world units, 0: a
-    sixteenth of a tile) is how far around a tile its tree's samples reach on the first try."""
+    :meth:`sdf_and_doubt`, :meth:`thin_sheets`) whose trees cover one tile at a time. ``tiles`` per axis over
+    [-0.5, 0.5]^3 (samples and queries outside it go to the border tiles; 0: from the number of samples); ``margin``
+    (world units, 0: a sixteenth of a tile) is how far around a tile its tree's samples reach on the first try."""
 
     def __init__(self, points: torch.Tensor, normals: torch.Tensor, tiles: int = 0, margin: float = 0.0):
         self.points, self.normals = points, normals
@@ -87,20 +87,20 @@ class TiledPoints:
         for tile, rows in self._by_tile(query):
             lo, hi = self._box(tile, q_all[rows])
             margin = self.margin
-            for _ in range(3):
+            while len(rows):  # ends: past a margin of 2 the members are all samples, and k <= their number
                 members = self._members(lo, hi, margin) if margin < 2.0 else np.arange(len(self.order))
-                if len(members) >= k:
-                    tree = cKDTree(P[torch.from_numpy(members)].detach().cpu().double().numpy())
-                    d, j = tree.query(q_all[rows], k=k)
-                    d, j = d.reshape(len(rows), k), j.reshape(len(rows), k)
-                    ok = d[:, -1] <= margin  # no sample outside the members is nearer
-                    yield rows[ok], members[j[ok]]
-                    if ok.all():
-                        break
-                    # the true k nearest lie within the distance to the k-th nearest member: one more pass
-                    rows, margin = rows[~ok], float(d[~ok, -1].max()) * (1 + 1e-9) + 1e-12
-                else:
-                    margin = 2.0 if margin >= 1.0 else 2 * margin + 1.0 / self.tiles  # too few: widen
+                if len(members) < k:
+                    margin = 2 * margin + 1.0 / self.tiles  # too few near this tile: widen
+                    continue
+                tree = cKDTree(P[torch.from_numpy(members)].detach().cpu().double().numpy())
+                d, j = tree.query(q_all[rows], k=k)
+                d, j = d.reshape(len(rows), k), j.reshape(len(rows), k)
+                ok = d[:, -1] <= margin  # no sample outside the members is nearer
+                yield rows[ok], members[j[ok]]
+                if ok.all():
+                    break
+                # the true k nearest lie within the distance to the k-th nearest member: one more pass
+                rows, margin = rows[~ok], float(d[~ok, -1].max()) * (1 + 1e-9) + 1e-12
 
     def nearest_index(self, query: torch.Tensor) -> np.ndarray:
         """Row of the sample nearest to each query (exact; see the module's docstring)."""

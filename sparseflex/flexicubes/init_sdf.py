@@ -33,7 +33,8 @@ class OrientedPoints:
             idx[start:start + chunk] = self.tree.query(q[start:start + chunk], k=1, workers=-1)[1]
         return tangent_distances(self.points, self.normals, idx, query)
 
-    def sdf_and_doubt(self, query: torch.Tensor, k: int = 16, chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+    def sdf_and_doubt(self, query: torch.Tensor, k: int = 16,
+                      chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sdf`, and ``[M]`` bool: do the tangent planes of the ``k`` samples nearest to each query disagree
         on its side? (One tree search for both.)
 
@@ -44,13 +45,15 @@ class OrientedPoints:
         q = query.detach().cpu().double().numpy()
         nearest = np.empty(len(q), dtype=np.int64)
         doubt = np.zeros(len(q), dtype=bool)
+        k = min(k, len(self._P))
         for start in range(0, len(q), chunk):
             qq = q[start:start + chunk]
             idx = self.tree.query(qq, k=k, workers=-1)[1].reshape(len(qq), -1)
             side = ((qq[:, None] - self._P[idx]) * self._N[idx]).sum(2) > 0
             nearest[start:start + chunk] = idx[:, 0]
             doubt[start:start + chunk] = side.any(1) & ~side.all(1)
-        return tangent_distances(self.points, self.normals, nearest, query)[0], torch.from_numpy(doubt).to(query.device)
+        sdf = tangent_distances(self.points, self.normals, nearest, query)[0]
+        return sdf, torch.from_numpy(doubt).to(query.device)
 
     def sdf(self, query: torch.Tensor) -> torch.Tensor:
         """``dot(q - p, n)`` with ``(p, n)`` the sample nearest to each query ``q``."""
